@@ -1,0 +1,51 @@
+"""Loading KSA models: official HF-format checkpoints and mlx-ksa directories."""
+
+import json
+from pathlib import Path
+
+from mlx_lm.utils import _download, load_tokenizer
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+
+from .model import Model, ModelArgs
+
+
+def _model_classes(config):
+    return Model, ModelArgs
+
+
+def load_model(path, lazy=False, model_config=None):
+    """(model, config) from a local directory holding config.json and safetensors.
+
+    Reads the official HF layout (summary rows inside embed_tokens) and
+    mlx-ksa's own, quantized or not. Never imports or runs code from the
+    checkpoint: the official `auto_map` template is ignored.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model directory")
+    if not list(path.glob("model*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(found)}: convert them with python -m mlx_ksa.convert)" if found else ""
+        raise FileNotFoundError(f"no model*.safetensors in {path}{hint}")
+    try:
+        return _mlx_lm_load_model(path, lazy, model_config=model_config,
+                                  get_model_classes=_model_classes)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
+
+
+def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy=False,
+         return_config=False, revision=None):
+    """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded."""
+    path = _download(str(path_or_hf_repo), revision=revision)
+    model, config = load_model(path, lazy, model_config=model_config)
+    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def make_prompt_cache(model, max_context=None):
+    """The per-layer KSA caches for `model` (see Model.make_cache)."""
+    return model.make_cache(max_context)
