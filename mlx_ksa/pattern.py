@@ -12,6 +12,7 @@ MAX_PATTERN_CHARS = 4096
 # Bounds the work a hostile pattern such as "[1]*10**9" could ask for.
 MAX_LIST_LEN = 1 << 16
 MAX_INT = 1 << 40
+MAX_DEPTH = 32  # parentheses deep enough to overflow Python's stack are refused
 
 _TOKEN = re.compile(r"\s*(?:(\d+)|(.))")
 
@@ -40,6 +41,7 @@ class _Parser:
         self.text = text
         self.toks = _tokens(text)
         self.i = 0
+        self.depth = 0
 
     def fail(self, why):
         raise PatternError(f"invalid window pattern {self.text!r}: {why}")
@@ -87,6 +89,14 @@ class _Parser:
         if isinstance(tok, int):
             self.i += 1
             return self.check(tok)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.fail(f"nested deeper than {MAX_DEPTH}")
+        value = self.group(tok)
+        self.depth -= 1
+        return value
+
+    def group(self, tok):
         if tok == "(":
             self.i += 1
             value = self.expr()
