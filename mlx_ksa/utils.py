@@ -37,11 +37,17 @@ def load_model(path, lazy=False, model_config=None):
         raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
 
 
-def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy=False,
-         return_config=False, revision=None):
-    """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded."""
+def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
+         lazy=False, return_config=False, revision=None):
+    """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded.
+    adapter_path: LoRA adapters saved by `python -m mlx_ksa.train finetune`."""
     path = _download(str(path_or_hf_repo), revision=revision)
     model, config = load_model(path, lazy, model_config=model_config)
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, adapter_path)
+        model.eval()
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 

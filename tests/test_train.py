@@ -1,0 +1,127 @@
+"""Training: loss goes down, exact resume, dense -> KSA conversion, LoRA round trip."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_ksa
+from mlx_ksa import train as T
+from mlx_ksa.data import Batches, pack
+from mlx_ksa.model import Model, ModelArgs
+from tests import torch_reference as ref
+from tests.helpers import tiny_checkpoint, write_tokenizer
+
+
+def copy_task(n_seq=160, period=6, seed=0):
+    """Random 6-token motifs repeated: learnable only by attending back."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.tile(rng.integers(0, 32, period), 5) for _ in range(n_seq)]).astype(np.int32)
+
+
+def fresh_model(seed=0, **overrides):
+    cfg = ref.make_config(summary_sliding_chunk_num="[1]*3+[64]", num_hidden_layers=4, **overrides)
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    return model, cfg
+
+
+def test_loss_goes_down(tmp_path):
+    model, cfg = fresh_model()
+    targs = T.TrainArgs(steps=120, batch_size=8, seq_len=24, lr=1e-2, warmup=10, report_every=1000)
+    losses = T.train(model, cfg, Batches(pack(copy_task(), 24), 8), targs, tmp_path, log=lambda s: None)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
+
+
+@pytest.mark.parametrize("schedule,checkpointing", [("cosine", False), ("wsd", True)])
+def test_resume_continues_with_identical_loss(tmp_path, schedule, checkpointing):
+    targs = T.TrainArgs(steps=12, batch_size=4, seq_len=16, lr=5e-3, warmup=3, schedule=schedule,
+                        save_every=6, report_every=1000, grad_checkpoint=checkpointing)
+    data = pack(copy_task(), 16)
+    model, cfg = fresh_model()
+    full = T.train(model, cfg, Batches(data, 4, seed=3), targs, tmp_path / "a", log=lambda s: None)
+    model, cfg = fresh_model(seed=1)  # different init: everything must come from the checkpoint
+    resumed = T.train(model, cfg, Batches(data, 4, seed=3), targs, tmp_path / "b", log=lambda s: None,
+                      resume=tmp_path / "a" / "checkpoints" / "step_0000006")
+    assert len(resumed) == 6
+    np.testing.assert_allclose(resumed, full[6:], rtol=1e-6)
+
+
+def test_distill_loss_has_gradients_only_for_summary_weights(tmp_path):
+    dense, dense_cfg = tiny_dense(tmp_path)
+    student, cfg = T.dense_to_ksa(dense, dense_cfg, chunk=4, windows="[1]*3+[8]")
+    T.freeze_to_summary_parameters(student)
+    trainable = {k for k, _ in tree_flatten(student.trainable_parameters())}
+    assert "model.summary_embedding" in trainable
+    assert all("summary" in k for k in trainable)
+    import mlx.nn as nn
+    batch = mx.array(pack(copy_task(), 40)[:2])
+    value, grads = nn.value_and_grad(student, T.distill_loss(dense))(student, batch)
+    assert np.isfinite(value.item())
+    assert any(np.abs(np.array(g)).sum() > 0 for _, g in tree_flatten(grads))
+
+
+def tiny_dense(tmp_path):
+    from mlx_lm.models import qwen3
+    from mlx_lm.utils import save_config, save_model
+
+    cfg = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+           "vocab_size": 96, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+           "tie_word_embeddings": True}
+    mx.random.seed(4)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    path = tmp_path / "dense"
+    save_model(path, model)
+    save_config(dict(cfg), path / "config.json")
+    write_tokenizer(path, 96)
+    return model, cfg
+
+
+def test_cpt_starts_as_the_dense_model_and_saves_a_loadable_ksa_model(tmp_path):
+    dense, dense_cfg = tiny_dense(tmp_path)
+    student, cfg = T.dense_to_ksa(dense, dense_cfg, chunk=4, windows="[2]*3+[16]")
+    assert student.args.mix_coeff == 1.0 and student.args.summary_branch
+    ids = mx.array(copy_task()[:12])[None]  # inside every window: summaries are never seen
+    np.testing.assert_allclose(np.array(student(ids)), np.array(dense(ids)), atol=1e-5)
+
+    data = tmp_path / "data.txt"
+    data.write_text("def f(x):\n    return x * 2\n" * 40)
+    small = T.TrainArgs(steps=3, batch_size=2, seq_len=32, warmup=1, report_every=1000)
+    T.cpt(tmp_path / "dense", tmp_path / "ksa", [data], small, small, chunk=4, windows="[2]*3+[16]",
+          log=lambda s: None)
+    saved = json.loads((tmp_path / "ksa" / "config.json").read_text())
+    assert saved["mix_coeff"] == 0.0 and saved["summary_chunk_size"] == 4
+    model, tokenizer = mlx_ksa.load(tmp_path / "ksa")
+    from mlx_lm import generate
+    assert isinstance(generate(model, tokenizer, "def f", max_tokens=8), str)
+    assert not any("_proj_summary" in k for k, _ in tree_flatten(model.parameters()))
+
+
+def test_lora_finetune_load_and_fuse(tmp_path):
+    path, cfg, _ = tiny_checkpoint(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"question {i}: answer {i * 7}"}) for i in range(60)))
+    rc = T.main(["finetune", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "ad"),
+                 "--steps", "8", "--batch-size", "2", "--seq-len", "24", "--lr", "1e-2",
+                 "--lora-layers", "2", "--lora-rank", "4"])
+    assert rc == 0
+    assert (tmp_path / "ad" / "adapters.safetensors").is_file()
+    adapted, _ = mlx_ksa.load(path, adapter_path=tmp_path / "ad")
+    base, _ = mlx_ksa.load(path)
+    ids = mx.array([[5, 9, 14, 3, 7, 2, 11, 40, 41]])
+    assert np.abs(np.array(adapted(ids)) - np.array(base(ids))).max() > 1e-4
+    assert T.main(["fuse", "--model", str(path), "--adapter-path", str(tmp_path / "ad"),
+                   "--save-path", str(tmp_path / "fused")]) == 0
+    fused, _ = mlx_ksa.load(tmp_path / "fused")
+    np.testing.assert_allclose(np.array(fused(ids)), np.array(adapted(ids)), atol=1e-4)
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert T.main(["finetune", "--model", str(tmp_path / "missing"), "--data", "x.txt",
+                   "--out", str(tmp_path / "o")]) == 1
+    assert "error:" in capsys.readouterr().err
