@@ -18,6 +18,7 @@ built, from `visibility`.
 import mlx.core as mx
 
 from . import visibility
+from .kernels import prefill
 
 # Largest score tile (queries x keys x heads x batch) one reference block may
 # build. MLX keeps several tiles in flight, so on the CPU small tiles bound the
@@ -37,8 +38,15 @@ def ksa_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window
         summary a query may see, the new ones included).
     Returns (o_text [B, H, n, D], o_sum [B, H, m*S, D]).
     """
-    return reference_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, layout=layout,
-                               window=window, t0=t0, text_base=text_base, scale=scale)
+    arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
+    opts = dict(layout=layout, window=window, t0=t0, text_base=text_base, scale=scale)
+    reference = lambda *xs: reference_attention(*xs, **opts)
+    if not prefill.supported(*arrays):  # CPU, or inputs no kernel serves
+        return reference(*arrays)
+    # The kernel has no autodiff: gradients come from the reference.
+    fused = mx.custom_function(lambda *xs: prefill.prefill_attention(*xs, **opts))
+    fused.vjp(lambda primals, cotangents, _: mx.vjp(reference, list(primals), list(cotangents))[1])
+    return fused(*arrays)
 
 
 def reference_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window, t0,

@@ -1,0 +1,330 @@
+// KSA prefill attention for mx.fast.cuda_kernel: text and summary queries in
+// one launch. Everything above the "kernel body" marker is the header (device
+// helpers), everything below it the body MLX wraps in a __global__ function.
+//
+// Inputs: q_text [B,H,n,D], q_sum [B,H,mS,D], k_text/v_text [B,Hkv,Lt,D]
+// (text indices text_base..), k_sum/v_sum [B,Hkv,Ls,D], params (int32, see
+// mlx_ksa/kernels/prefill.py), scale [1] (float32).
+// Outputs: o_text, o_sum (like the queries), lse_text [B,H,n], lse_sum [B,H,mS].
+//
+// Grid: x = query tiles (the text tiles, heaviest first, then the summary
+// tiles), y = query head, z = batch; 128 threads (4 warps) per tile.
+// Text tile: 64 text queries of one head, flash attention over two key ranges
+// -- the visible summary prefix [0, summary_prefix(last query)) and the text
+// band [band_start(first query), last query] -- in blocks of 64 keys, with
+// tensor cores (mma.sync m16n8k16, float32 accumulators). Only blocks that
+// straddle a row's range boundary pay for the per-element mask.
+// Summary tile: 64 summary queries, one warp per query, over its chunk's
+// summaries 0..j and k text keys (at most 2k keys: no tiling needed).
+// The index math is the one in mlx_ksa/visibility.py and metal/prefill.metal.
+
+namespace ksa {
+
+template <typename T> constexpr bool is_bf16 = false;
+template <> constexpr bool is_bf16<__nv_bfloat16> = true;
+constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; zero fill when !valid (src must still be a
+// mapped address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row major) * b (16x8, column major), float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (is_bf16<T>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as the 16-bit pair an mma operand register holds (low = first).
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  if constexpr (is_bf16<T>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+  }
+}
+
+// Shared tiles are [rows][D] with the 16-byte column chunks XOR-swizzled by
+// row, so the 8 rows one ldmatrix phase reads fall in distinct banks.
+template <int D>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// visibility.band_start / summary_prefix.
+__device__ __forceinline__ int band_start(int t, int chunk, int window) {
+  return max(t / chunk - window, 0) * chunk;
+}
+__device__ __forceinline__ int summary_prefix(int t, int chunk, int summaries, int window) {
+  return max(t / chunk - window, 0) * summaries;
+}
+
+}  // namespace ksa
+
+// ==== kernel body ====
+constexpr int BQ = 64;  // queries per tile: 4 warps x 16 rows
+constexpr int BK = 64;  // keys per block
+constexpr int NT = 128;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+const int n = params[0], n_sq = params[1], t0 = params[2], text_base = params[3];
+const int window = params[4], Lt = params[5], Ls = params[6], text_tiles = params[7];
+const int chunk = params[8], S = params[9], G = params[10];
+const float sl2 = scale[0] * LOG2E;  // scores in the log2 domain: exp2 is one instruction
+
+const int H = gridDim.y, h = blockIdx.y, b = blockIdx.z, Hkv = H / G;
+const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+const size_t kv_head = size_t(b) * Hkv + h / G;
+const T* kt = k_text + kv_head * Lt * D;
+const T* vt = v_text + kv_head * Lt * D;
+const T* ks = k_sum + kv_head * Ls * D;
+const T* vs = v_sum + kv_head * Ls * D;
+
+if (int(blockIdx.x) >= text_tiles) {
+  // ---- summary queries: one warp per query, lanes split D ----
+  constexpr int E = D / 32;
+  const int c0 = t0 / chunk;
+  for (int i = 0; i < BQ / 4; ++i) {
+    const int r = (blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i;
+    if (r >= n_sq) break;
+    const int c = c0 + r / S, j = r % S;
+    const size_t qrow = (size_t(b) * H + h) * n_sq + r;
+    float q[E], acc[E];
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      q[e] = float(q_sum[qrow * D + lane * E + e]) * sl2;
+      acc[e] = 0.f;
+    }
+    float m = ksa::NEG_INF, l = 0.f;
+    // Keys: summaries c*S .. c*S+j, then texts c*k .. c*k+k-1.
+    for (int key = 0; key <= j + chunk; ++key) {
+      const bool is_sum = key <= j;
+      const size_t row = is_sum ? size_t(c) * S + key : size_t(c) * chunk + (key - j - 1) - text_base;
+      const T* kp = (is_sum ? ks : kt) + row * D + lane * E;
+      const T* vp = (is_sum ? vs : vt) + row * D + lane * E;
+      float s = 0.f;
+      #pragma unroll
+      for (int e = 0; e < E; ++e) s += q[e] * float(kp[e]);
+      #pragma unroll
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const float mn = fmaxf(m, s), alpha = exp2f(m - mn), p = exp2f(s - mn);
+      l = l * alpha + p;
+      #pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * float(vp[e]);
+      m = mn;
+    }
+    #pragma unroll
+    for (int e = 0; e < E; ++e) o_sum[qrow * D + lane * E + e] = T(acc[e] / l);
+    if (lane == 0) lse_sum[qrow] = (m + log2f(l)) * LN2;
+  }
+  return;
+}
+
+// ---- text queries ----
+__shared__ __align__(128) T sQ[BQ * D];
+__shared__ __align__(128) T sK[BK * D];
+__shared__ __align__(128) T sV[BK * D];
+
+const int qt = text_tiles - 1 - blockIdx.x;  // heaviest tiles (most summaries) first
+const int qa = qt * BQ;                       // first query, relative to t0
+const int t_first = t0 + qa, t_last = t0 + min(qa + BQ, n) - 1;
+const int n_sum = ksa::summary_prefix(t_last, chunk, S, window);
+const int lo = ksa::band_start(t_first, chunk, window), hi = t_last + 1;
+const int n_sb = (n_sum + BK - 1) / BK, n_blocks = n_sb + (hi - lo + BK - 1) / BK;
+const size_t qbase = (size_t(b) * H + h) * n;
+
+// Async copy of 64 rows [row0, row0+64) of src (rows >= end zero filled).
+auto load_tile = [&](T* dst, const T* src, int row0, int end) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int i = tid; i < 64 * CH; i += NT) {
+    const int r = i / CH, cc = i % CH;
+    const bool ok = row0 + r < end;
+    ksa::cp_async16(dst + ksa::swz<D>(r, cc * 8), src + (ok ? size_t(row0 + r) * D + cc * 8 : 0), ok);
+  }
+};
+// Key block j: summary blocks first, then the text band; row0 and end index
+// the array, first the key (summary index or text index) of its row 0.
+auto block = [&](int j, const T*& kp, const T*& vp, int& row0, int& end, int& first) {
+  if (j < n_sb) {
+    kp = ks; vp = vs; first = row0 = j * BK; end = n_sum;
+  } else {
+    kp = kt; vp = vt; first = lo + (j - n_sb) * BK; row0 = first - text_base; end = hi - text_base;
+  }
+};
+
+load_tile(sQ, q_text + qbase * D, qa, n);
+ksa::cp_async_commit();
+{
+  const T *kp, *vp; int row0, end, first;
+  block(0, kp, vp, row0, end, first);
+  load_tile(sK, kp, row0, end);
+  ksa::cp_async_commit();
+  load_tile(sV, vp, row0, end);
+  ksa::cp_async_commit();
+}
+ksa::cp_async_wait<2>();
+__syncthreads();
+
+// This thread's two rows (r and r+8 of the warp's 16) and their key ranges.
+const int t_row[2] = {t_first + warp * 16 + (lane >> 2), t_first + warp * 16 + (lane >> 2) + 8};
+float o[D / 8][4];
+#pragma unroll
+for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
+
+for (int j = 0; j < n_blocks; ++j) {
+  const T *kp, *vp; int row0, end, first;
+  block(j, kp, vp, row0, end, first);
+  const bool is_sum = j < n_sb;
+
+  ksa::cp_async_wait<1>();  // K(j) landed (V(j) may still be in flight)
+  __syncthreads();
+  float s[BK / 8][4];
+  #pragma unroll
+  for (int i = 0; i < BK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    // Q is re-read from shared memory: keeping all of it in registers cost
+    // 37 registers and measured ~5% slower.
+    unsigned qf[4];
+    ksa::ldsm_x4(qf, sQ + ksa::swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    #pragma unroll
+    for (int nb = 0; nb < BK / 16; ++nb) {
+      unsigned kf[4];
+      const int i = lane >> 3;
+      ksa::ldsm_x4(kf, sK + ksa::swz<D>(nb * 16 + (i >> 1) * 8 + (lane & 7), kk * 16 + (i & 1) * 8));
+      ksa::mma<T>(s[2 * nb], qf, kf[0], kf[1]);
+      ksa::mma<T>(s[2 * nb + 1], qf, kf[2], kf[3]);
+    }
+  }
+  __syncthreads();  // every warp is done with sK: prefetch the next K block
+  if (j + 1 < n_blocks) {
+    const T *kn, *vn; int r0n, endn, fn;
+    block(j + 1, kn, vn, r0n, endn, fn);
+    load_tile(sK, kn, r0n, endn);
+  }
+  ksa::cp_async_commit();  // possibly empty: keeps the group count uniform
+
+  // Mask only blocks that cross some row's range boundary.
+  const bool full = is_sum ? first + BK <= ksa::summary_prefix(t_first, chunk, S, window)
+                           : first >= ksa::band_start(t_last, chunk, window) && first + BK - 1 <= t_first;
+  #pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int t = t_row[rr];
+    const int klo = is_sum ? 0 : ksa::band_start(t, chunk, window);
+    const int khi = is_sum ? ksa::summary_prefix(t, chunk, S, window) : t + 1;
+    float mx = ksa::NEG_INF;
+    #pragma unroll
+    for (int nb = 0; nb < BK / 8; ++nb) {
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nb][rr * 2 + e];
+        const int key = first + nb * 8 + (lane & 3) * 2 + e;
+        x = (full || (key >= klo && key < khi)) ? x * sl2 : ksa::NEG_INF;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m_row[rr], mx);
+    const float base = mn == ksa::NEG_INF ? 0.f : mn;  // a row with nothing visible yet
+    const float alpha = exp2f(m_row[rr] - base);
+    float sum = 0.f;
+    #pragma unroll
+    for (int nb = 0; nb < BK / 8; ++nb) {
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nb][rr * 2 + e];
+        x = exp2f(x - base);
+        sum += x;
+      }
+    }
+    l_row[rr] = l_row[rr] * alpha + sum;  // per-thread partial; quad-reduced at the end
+    m_row[rr] = mn;
+    #pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][rr * 2] *= alpha;
+      o[i][rr * 2 + 1] *= alpha;
+    }
+  }
+
+  ksa::cp_async_wait<1>();  // V(j) landed
+  __syncthreads();
+  #pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    const unsigned pf[4] = {ksa::pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                            ksa::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                            ksa::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            ksa::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    #pragma unroll
+    for (int db = 0; db < D / 16; ++db) {
+      unsigned vf[4];
+      const int i = lane >> 3;
+      ksa::ldsm_x4_trans(vf, sV + ksa::swz<D>(kk * 16 + (i & 1) * 8 + (lane & 7), db * 16 + (i >> 1) * 8));
+      ksa::mma<T>(o[2 * db], pf, vf[0], vf[1]);
+      ksa::mma<T>(o[2 * db + 1], pf, vf[2], vf[3]);
+    }
+  }
+  __syncthreads();  // every warp is done with sV
+  if (j + 1 < n_blocks) {
+    const T *kn, *vn; int r0n, endn, fn;
+    block(j + 1, kn, vn, r0n, endn, fn);
+    load_tile(sV, vn, r0n, endn);
+  }
+  ksa::cp_async_commit();
+}
+
+#pragma unroll
+for (int rr = 0; rr < 2; ++rr) {
+  float l = l_row[rr];
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const int row = t_row[rr] - t0;
+  if (row >= n) continue;
+  const float inv = 1.f / l;
+  T* op = o_text + (qbase + row) * D + (lane & 3) * 2;
+  #pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    op[i * 8] = T(o[i][rr * 2] * inv);
+    op[i * 8 + 1] = T(o[i][rr * 2 + 1] * inv);
+  }
+  if ((lane & 3) == 0) lse_text[qbase + row] = (m_row[rr] + log2f(l)) * LN2;
+}

@@ -1,0 +1,127 @@
+"""The CUDA prefill kernel against the reference (skips without CUDA).
+
+    python -m pytest -q tests/gpu/test_prefill_cuda.py
+    python tests/gpu/test_prefill_cuda.py --bench [--out prefill.json]
+
+The second form times one KSA layer's prefill (kernel, reference path, MLX's
+causal SDPA over the same text) side by side in one process.
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_ksa import visibility
+from mlx_ksa.attention import ksa_attention, reference_attention
+from mlx_ksa.kernels import prefill
+from mlx_ksa.layout import Layout
+from tests.test_prefill_kernel import CASES, check, make_case
+
+pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
+
+# (B, H, Hkv, D, k, S, window, t0, n, dtype): the emulator's small cases in the
+# dtypes the CUDA kernel serves, plus many tiles, many key blocks, summaries
+# longer than a block and a 128-chunk window.
+GPU_CASES = [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in CASES] + [
+    (1, 8, 2, 128, 8, 1, 4, 0, 1000, mx.bfloat16),
+    (1, 4, 1, 64, 8, 1, 0, 0, 777, mx.float16),
+    (1, 4, 4, 128, 4, 2, 2, 300, 201, mx.float16),
+    (2, 4, 1, 64, 8, 1, 1000, 0, 500, mx.bfloat16),
+    (1, 4, 1, 128, 8, 1, 128, 0, 2100, mx.bfloat16),
+    (1, 8, 1, 128, 8, 1, 16, 1531, 1030, mx.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_kernel_matches_reference(case):
+    arrays, opts = make_case(*case)
+    check(prefill.prefill_attention(*arrays, **opts, return_lse=True), arrays, opts)
+
+
+def test_whole_context_text_goes_to_causal_sdpa():
+    arrays, opts = make_case(1, 4, 2, 128, 8, 1, 100, 0, 300, mx.bfloat16)
+    got = prefill.prefill_attention(*arrays, **opts)
+    check(got + prefill.prefill_attention(*arrays, **opts, return_lse=True)[2:], arrays, opts)
+
+
+def test_float32_falls_back_to_the_reference():
+    arrays, opts = make_case(1, 2, 1, 64, 4, 1, 1, 0, 9, mx.float32)
+    assert prefill.prefill_attention(*arrays, **opts) is None
+    got, want = ksa_attention(*arrays, **opts), reference_attention(*arrays, **opts)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.array(g), np.array(w), atol=1e-5)
+
+
+def test_ksa_attention_dispatches_and_differentiates():
+    arrays, opts = make_case(1, 4, 2, 64, 8, 1, 2, 0, 100, mx.bfloat16)
+    fused = prefill.prefill_attention(*arrays, **opts)
+    for g, w in zip(ksa_attention(*arrays, **opts), fused):
+        assert mx.array_equal(g, w)
+    loss = lambda f: (lambda *xs: sum(o.astype(mx.float32).sum() for o in f(*xs, **opts)))
+    g_kernel = mx.grad(loss(ksa_attention), argnums=tuple(range(6)))(*arrays)
+    g_ref = mx.grad(loss(reference_attention), argnums=tuple(range(6)))(*arrays)
+    for g, w in zip(g_kernel, g_ref):
+        np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)), atol=1e-6)
+
+
+# -- benchmark ------------------------------------------------------------
+def visible_entries(layout, window, n):
+    """(query, key) pairs a prefill of n text tokens computes, per head."""
+    k, S = layout.chunk, layout.summaries
+    t = np.arange(n, dtype=np.int64)
+    text = (t + 1 - visibility.band_start(t, k, window) + visibility.summary_prefix(t, k, S, window)).sum()
+    return int(text) + (n // k) * sum(j + 1 + k for j in range(S))
+
+
+def timed(f, reps):
+    mx.eval(f())
+    mx.synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        mx.eval(f())
+        mx.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench(sizes=(16384, 65536, 131072), reference_up_to=65536, reps=5):
+    H, Hkv, D, k, S, W = 32, 8, 128, 8, 1, 128
+    rows = []
+    for n in sizes:
+        arrays, opts = make_case(1, H, Hkv, D, k, S, W, 0, n, mx.bfloat16)
+        for window in (W, n // k):  # a KSA layer, then a whole-context layer
+            opts = dict(opts, window=window)
+            flops = lambda entries: 4 * D * H * entries
+            row = dict(n=n, window=window, H=H, Hkv=Hkv, D=D, k=k, S=S, dtype="bfloat16",
+                       visible_entries=visible_entries(opts["layout"], window, n))
+            row["kernel_ms"] = 1e3 * timed(lambda: prefill.prefill_attention(*arrays, **opts), reps)
+            row["kernel_tflops"] = flops(row["visible_entries"]) / row["kernel_ms"] / 1e9
+            q, kt, vt = arrays[0], arrays[2], arrays[3]
+            sdpa = lambda: mx.fast.scaled_dot_product_attention(q, kt, vt, scale=opts["scale"], mask="causal")
+            row["sdpa_causal_ms"] = 1e3 * timed(sdpa, reps)
+            row["sdpa_causal_tflops"] = flops(n * (n + 1) // 2) / row["sdpa_causal_ms"] / 1e9
+            if n <= reference_up_to and window == W:
+                row["reference_ms"] = 1e3 * timed(lambda: reference_attention(*arrays, **opts), 2)
+            row["speedup_vs_sdpa"] = row["sdpa_causal_ms"] / row["kernel_ms"]
+            if "reference_ms" in row:
+                row["speedup_vs_reference"] = row["reference_ms"] / row["kernel_ms"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.bench:
+        rows = bench()
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(dict(device=str(mx.default_device()), rows=rows), f, indent=1)
