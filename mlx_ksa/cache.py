@@ -25,6 +25,7 @@ import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.cache import _BaseCache
 
 from . import visibility
+from .kernels import decode as decode_kernel
 
 
 class KSACache(_BaseCache):
@@ -171,29 +172,44 @@ class KSACache(_BaseCache):
         self.offset, self.flushed = t1, c1
 
     # -- one decode step ---------------------------------------------------
-    def decode_text(self, key, value):
-        """Stores one text token; returns the keys and values its query sees."""
+    def decode(self, q, keys, values, scale):
+        """Attention of one decode step; stores its keys and values.
+
+        q, keys, values: [B, H or Hkv, 1 (+S), D], the text token, then the
+        summaries of the chunk it completes (if it does). Returns
+        [B, H, 1 (+S), D], from the fused kernel where one serves.
+        """
+        ranges = self.store_decode(keys, values)
+        args = (q, self.keys, self.values, *ranges, scale)
+        out = decode_kernel.decode_attention(*args)
+        return decode_reference(*args) if out is None else out
+
+    def store_decode(self, keys, values):
+        """Stores one decode step's keys and values (see `decode`).
+
+        Returns (start, end, sum_end): the text query sees the slots
+        [start, end), one contiguous range (the filled chunk, the ring, and
+        the summaries that left the window, `visibility.summary_prefix`,
+        which the range's end selects); the summary queries see
+        [scratch | chunk] = [0, sum_end).
+        """
         t = self.offset
         self._check_reach(t)
         if self.keys is None:
-            self._reserve(key, 0, 0)
+            self._reserve(keys, 0, 0)
         self._flush()
         k, S, W = self.chunk, self.summaries, self.window
         c, f = divmod(t, k)
         start = S + k - 1 - f
-        self.keys[:, :, start : start + 1] = key
-        self.values[:, :, start : start + 1] = value
+        self.keys[:, :, start : start + 1] = keys[:, :, :1]
+        self.values[:, :, start : start + 1] = values[:, :, :1]
+        if keys.shape[2] > 1:
+            self.keys[:, :, :S] = keys[:, :, 1:]
+            self.values[:, :, :S] = values[:, :, 1:]
         self.offset = t + 1
         n_sum = visibility.summary_prefix(t, k, S, W)
         end = self._sum0 + n_sum if n_sum else self._ring0 + min(c, W) * k
-        return self.keys[:, :, start:end], self.values[:, :, start:end]
-
-    def decode_summaries(self, keys, values):
-        """After the text token that completes a chunk: [its summaries | its text]."""
-        S, k = self.summaries, self.chunk
-        self.keys[:, :, :S] = keys
-        self.values[:, :, :S] = values
-        return self.keys[:, :, : S + k], self.values[:, :, : S + k]
+        return start, end, S + k
 
     # -- mlx-lm cache protocol -------------------------------------------
     @property
@@ -219,6 +235,23 @@ class KSACache(_BaseCache):
     @property
     def nbytes(self):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def decode_reference(q, keys, values, start, end, sum_end, scale):
+    """SDPA over slices of the cache buffer: what `kernels.decode` computes.
+
+    Row 0 of q sees slots [start, end); rows 1..S, the summaries of a
+    completing chunk, see [scratch S | chunk] = [0, sum_end) under
+    `visibility.summary_mask`.
+    """
+    sdpa = mx.fast.scaled_dot_product_attention
+    out = sdpa(q[:, :, :1], keys[:, :, start:end], values[:, :, start:end], scale=scale)
+    S = q.shape[2] - 1
+    if S:
+        mask = mx.array(visibility.summary_mask(sum_end - S, S))
+        out_sum = sdpa(q[:, :, 1:], keys[:, :, :sum_end], values[:, :, :sum_end], scale=scale, mask=mask)
+        out = mx.concatenate([out, out_sum], axis=2)
+    return out
 
 
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.

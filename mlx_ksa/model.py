@@ -2,7 +2,7 @@
 
 The model runs the text and summary tokens of a call as one sequence
 ``[text (n) | summaries (m*S)]``: every per-token op is shared, and only
-attention (`attention.ksa_attention`, or the cache's decode slices) knows how
+attention (`attention.ksa_attention`, or `KSACache.decode` for one token) knows how
 the two streams see each other. Logits come back for text tokens only, over
 the text vocabulary.
 """
@@ -155,17 +155,11 @@ class Attention(nn.Module):
             q, k, v = (mx.concatenate([b[:, :n], s], axis=1) for b, s in zip((q, k, v), mixed))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        (q_t, q_s), (k_t, k_s), (v_t, v_s) = ((t[:, :, :n], t[:, :, n:]) for t in (q, k, v))
-        layout = self.args.layout
         if cache is not None and n == 1:
-            keys, values = cache.decode_text(k_t, v_t)
-            o_t = mx.fast.scaled_dot_product_attention(q_t, keys, values, scale=self.scale)
-            o_s = q_s
-            if L > n:
-                keys, values = cache.decode_summaries(k_s, v_s)
-                mask = mx.array(visibility.summary_mask(layout.chunk, layout.summaries))
-                o_s = mx.fast.scaled_dot_product_attention(q_s, keys, values, scale=self.scale, mask=mask)
+            out = cache.decode(q, k, v, self.scale)
         else:
+            (q_t, q_s), (k_t, k_s), (v_t, v_s) = ((t[:, :, :n], t[:, :, n:]) for t in (q, k, v))
+            layout = self.args.layout
             text_base = 0
             k_text, v_text, k_sum, v_sum = k_t, v_t, k_s, v_s
             if cache is not None:
@@ -178,7 +172,7 @@ class Attention(nn.Module):
             )
             if cache is not None:
                 cache.commit(k_text, v_text, text_base, k_s, v_s)
-        out = mx.concatenate([o_t, o_s], axis=2) if L > n else o_t
+            out = mx.concatenate([o_t, o_s], axis=2) if L > n else o_t
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

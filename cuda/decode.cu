@@ -1,0 +1,154 @@
+// KSA decode attention, CUDA. The same algorithm as metal/decode.metal, with
+// the same index math and structure; see that file for the description.
+// mlx_ksa/kernels/decode.py cuts this file at the "////" lines into the
+// header and the bodies that mx.fast.cuda_kernel takes. A Metal simdgroup is
+// a warp here, a threadgroup a block.
+//
+// params: [start, end, n_splits, split_len, S + k].
+
+//// header
+// Finite stand-in for -inf: empty warps merge with weight exp2(-huge) = 0 and
+// no inf - inf can appear.
+constexpr float NEG_BIG = -3.0e38f;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr int U = 4;  // keys a warp loads at once
+
+__device__ inline float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// One lane's E consecutive head-dim elements of a K/V row, as float, in one
+// vector load (rows are E-aligned: the head dim is contiguous and D = 32 * E).
+template <typename T, int E>
+__device__ inline void load_row(const T* p, float* out) {
+  struct alignas(sizeof(T) * E) Row { T v[E]; };
+  const Row row = *reinterpret_cast<const Row*>(p);
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = static_cast<float>(row.v[e]);
+}
+
+//// partial
+// Templates: T (dtype), D (head dim), G (query heads per KV head), NW (simdgroups).
+constexpr int E = D / 32;  // head-dim elements per lane
+const int x = blockIdx.x;
+const int hk = blockIdx.y;
+const int b = blockIdx.z;
+const int sg = threadIdx.x / 32;
+const int lane = threadIdx.x % 32;
+const int tid = threadIdx.x;
+const int n_splits = params[2], split_len = params[3];
+const int H = q_shape[1], R = q_shape[2];
+const int P = n_splits + R - 1;  // partials per query head
+const bool text = x < n_splits;
+const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
+
+__shared__ float tg_o[NW * D];
+__shared__ float tg_m[NW];
+__shared__ float tg_l[NW];
+
+for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
+  // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
+  int lo = 0, hi = params[4], skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  if (text) {
+    lo = params[0] + x * split_len;
+    hi = min(params[1], lo + split_len);
+    skip_lo = skip_hi = 0;
+    part = x;
+  }
+  float qv[G][E], o[G][E], m[G], l[G];
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const T* qp = q + b * q_strides[0] + (hk * G + g) * q_strides[1] + r * q_strides[2] + lane * E;
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      qv[g][e] = static_cast<float>(qp[e]) * qscale;
+      o[g][e] = 0.0f;
+    }
+    m[g] = NEG_BIG;
+    l[g] = 0.0f;
+  }
+  const T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
+  const T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
+  // Each simdgroup takes U consecutive keys at a time and loads them all
+  // before using any: U rows of K and V in flight per simdgroup, not one.
+  for (int i0 = lo + sg * U; i0 < hi; i0 += NW * U) {
+    float kv[U][E], vv[U][E];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (i0 + u < hi) {
+        load_row<T, E>(kb + (i0 + u) * K_strides[2], kv[u]);
+        load_row<T, E>(vb + (i0 + u) * V_strides[2], vv[u]);
+      }
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u;
+      if (i >= hi || (i >= skip_lo && i < skip_hi)) continue;  // uniform over the simdgroup
+      #pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) s += qv[g][e] * kv[u][e];
+        s = warp_sum(s);
+        const float m_new = fmaxf(m[g], s);
+        const float a = exp2f(m[g] - m_new), p = exp2f(s - m_new);
+        l[g] = l[g] * a + p;
+        #pragma unroll
+        for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * a + p * vv[u][e];
+        m[g] = m_new;
+      }
+    }
+  }
+  // Merge the NW simdgroups' partials, one query head at a time.
+  #pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      tg_m[sg] = m[g];
+      tg_l[sg] = l[g];
+    }
+    #pragma unroll
+    for (int e = 0; e < E; ++e) tg_o[sg * D + lane * E + e] = o[g][e];
+    __syncthreads();
+    if (tid < D) {
+      float M = NEG_BIG;
+      #pragma unroll
+      for (int w = 0; w < NW; ++w) M = fmaxf(M, tg_m[w]);
+      float L = 0.0f, acc = 0.0f;
+      #pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float f = exp2f(tg_m[w] - M);
+        L += tg_l[w] * f;
+        acc += tg_o[w * D + tid] * f;
+      }
+      const int64_t row = (int64_t(b) * H + hk * G + g) * P + part;
+      part_o[row * D + tid] = acc;
+      if (tid == 0) {
+        part_ml[row * 2] = M;
+        part_ml[row * 2 + 1] = L;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+//// reduce
+// Grid (D, R, B*H), threadgroup (D, 1, 1): one thread per output element.
+const int d = threadIdx.x;
+const int r = blockIdx.y;
+const int bh = blockIdx.z;
+const int n_splits = params[2];
+const int P = part_ml_shape[2];
+const int R = P - n_splits + 1;
+const int p0 = r == 0 ? 0 : n_splits + r - 1;
+const int p1 = r == 0 ? n_splits : p0 + 1;
+const int64_t row = int64_t(bh) * P;
+float M = NEG_BIG;
+for (int p = p0; p < p1; ++p) M = fmaxf(M, part_ml[(row + p) * 2]);
+float L = 0.0f, acc = 0.0f;
+for (int p = p0; p < p1; ++p) {
+  const float f = exp2f(part_ml[(row + p) * 2] - M);
+  L += part_ml[(row + p) * 2 + 1] * f;
+  acc += part_o[(row + p) * D + d] * f;
+}
+out[(int64_t(bh) * R + r) * D + d] = T(acc / L);

@@ -1,0 +1,147 @@
+// KSA decode attention, Metal. cuda/decode.cu is the same algorithm with the
+// same index math; only the primitives differ (thread ids, barriers, simd sums).
+// mlx_ksa/kernels/decode.py cuts this file at the "////" lines into the
+// header and the bodies that mx.fast.metal_kernel takes.
+//
+// One step reads KSACache's buffer [B, Hkv, slots, D] in place (strides for
+// batch, head and slot; the head dim is contiguous). Query rows: row 0 is the
+// text query over slots [start, end); rows 1..S, present when the step
+// completes a chunk, are its summary queries over [scratch S | chunk k] =
+// slots [0, S + k), where summary j sees scratch slots 0..j
+// (visibility.summary_mask).
+//
+// Flash decoding: pass 1 ("partial") cuts the text range into splits; one
+// threadgroup per (split, KV head, batch row) covers the G = H / Hkv query
+// heads of that KV head, so K/V are read once per KV head. One extra
+// threadgroup per (KV head, batch row) does the summary rows. Each writes an
+// unnormalized output with its running max and sum; pass 2 ("reduce") merges
+// the text splits and normalizes every row.
+//
+// params: [start, end, n_splits, split_len, S + k].
+
+//// header
+// Finite stand-in for -inf: empty simdgroups merge with weight exp2(-huge) = 0
+// and no inf - inf can appear, even under fast math.
+constant float NEG_BIG = -3.0e38f;
+constant float LOG2E = 1.4426950408889634f;
+constant int U = 4;  // keys a simdgroup loads at once
+
+// One lane's E consecutive head-dim elements of a K/V row, as float.
+template <typename T, int E>
+inline void load_row(const device T* p, thread float* out) {
+  for (int e = 0; e < E; ++e) out[e] = float(p[e]);
+}
+
+//// partial
+// Templates: T (dtype), D (head dim), G (query heads per KV head), NW (simdgroups).
+constexpr int E = D / 32;  // head-dim elements per lane
+const int x = threadgroup_position_in_grid.x;
+const int hk = threadgroup_position_in_grid.y;
+const int b = threadgroup_position_in_grid.z;
+const int sg = simdgroup_index_in_threadgroup;
+const int lane = thread_index_in_simdgroup;
+const int tid = thread_position_in_threadgroup.x;
+const int n_splits = params[2], split_len = params[3];
+const int H = q_shape[1], R = q_shape[2];
+const int P = n_splits + R - 1;  // partials per query head
+const bool text = x < n_splits;
+const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
+
+threadgroup float tg_o[NW * D];
+threadgroup float tg_m[NW];
+threadgroup float tg_l[NW];
+
+for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
+  // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
+  int lo = 0, hi = params[4], skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  if (text) {
+    lo = params[0] + x * split_len;
+    hi = min(params[1], lo + split_len);
+    skip_lo = skip_hi = 0;
+    part = x;
+  }
+  float qv[G][E], o[G][E], m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    const device T* qp = q + b * q_strides[0] + (hk * G + g) * q_strides[1] + r * q_strides[2] + lane * E;
+    for (int e = 0; e < E; ++e) {
+      qv[g][e] = float(qp[e]) * qscale;
+      o[g][e] = 0.0f;
+    }
+    m[g] = NEG_BIG;
+    l[g] = 0.0f;
+  }
+  const device T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
+  const device T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
+  // Each simdgroup takes U consecutive keys at a time and loads them all
+  // before using any: U rows of K and V in flight per simdgroup, not one.
+  for (int i0 = lo + sg * U; i0 < hi; i0 += NW * U) {
+    float kv[U][E], vv[U][E];
+    for (int u = 0; u < U; ++u) {
+      if (i0 + u < hi) {
+        load_row<T, E>(kb + (i0 + u) * K_strides[2], kv[u]);
+        load_row<T, E>(vb + (i0 + u) * V_strides[2], vv[u]);
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u;
+      if (i >= hi || (i >= skip_lo && i < skip_hi)) continue;  // uniform over the simdgroup
+      for (int g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int e = 0; e < E; ++e) s += qv[g][e] * kv[u][e];
+        s = simd_sum(s);
+        const float m_new = max(m[g], s);
+        const float a = exp2(m[g] - m_new), p = exp2(s - m_new);
+        l[g] = l[g] * a + p;
+        for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * a + p * vv[u][e];
+        m[g] = m_new;
+      }
+    }
+  }
+  // Merge the NW simdgroups' partials, one query head at a time.
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      tg_m[sg] = m[g];
+      tg_l[sg] = l[g];
+    }
+    for (int e = 0; e < E; ++e) tg_o[sg * D + lane * E + e] = o[g][e];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid < D) {
+      float M = NEG_BIG;
+      for (int w = 0; w < NW; ++w) M = max(M, tg_m[w]);
+      float L = 0.0f, acc = 0.0f;
+      for (int w = 0; w < NW; ++w) {
+        const float f = exp2(tg_m[w] - M);
+        L += tg_l[w] * f;
+        acc += tg_o[w * D + tid] * f;
+      }
+      const int64_t row = (int64_t(b) * H + hk * G + g) * P + part;
+      part_o[row * D + tid] = acc;
+      if (tid == 0) {
+        part_ml[row * 2] = M;
+        part_ml[row * 2 + 1] = L;
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
+//// reduce
+// Grid (D, R, B*H), threadgroup (D, 1, 1): one thread per output element.
+const int d = thread_position_in_threadgroup.x;
+const int r = threadgroup_position_in_grid.y;
+const int bh = threadgroup_position_in_grid.z;
+const int n_splits = params[2];
+const int P = part_ml_shape[2];
+const int R = P - n_splits + 1;
+const int p0 = r == 0 ? 0 : n_splits + r - 1;
+const int p1 = r == 0 ? n_splits : p0 + 1;
+const int64_t row = int64_t(bh) * P;
+float M = NEG_BIG;
+for (int p = p0; p < p1; ++p) M = max(M, part_ml[(row + p) * 2]);
+float L = 0.0f, acc = 0.0f;
+for (int p = p0; p < p1; ++p) {
+  const float f = exp2(part_ml[(row + p) * 2] - M);
+  L += part_ml[(row + p) * 2 + 1] * f;
+  acc += part_o[(row + p) * D + d] * f;
+}
+out[(int64_t(bh) * R + r) * D + d] = T(acc / L);

@@ -1,0 +1,118 @@
+"""Decode attention kernel: one step's queries over KSACache's buffer, in place.
+
+The algorithm is described in metal/decode.metal (cuda/decode.cu is its twin).
+`decode_attention` returns None where no kernel serves the inputs; the caller
+then runs the reference (SDPA over slices of the same buffer). The launch
+parameters come from the plain functions `plan_partial` and `plan_reduce`, so
+the tests can hand exactly what the real launch gets to the CPU Metal emulator.
+"""
+
+import functools
+
+import mlx.core as mx
+
+from . import backend, source
+
+NW = 8  # simdgroups (warps) per threadgroup of pass 1
+# Splits: enough pass-1 threadgroups to keep every core of the largest GPUs
+# streaming (each simdgroup keeps U = 4 keys in flight), and no shorter than
+# MIN_SPLIT keys, below which writing and merging partials costs more than
+# the keys. Measured on an H200: 256 groups beat 1024 and 4096 at 17K keys.
+MIN_SPLIT = 128
+TARGET_GROUPS = 256
+HEAD_DIMS = (64, 128)
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+_FILES = {"metal": "metal/decode.metal", "cuda": "cuda/decode.cu"}
+
+
+def sections(text):
+    """{name: text} of a source cut at its '//// name' lines."""
+    out, name = {}, None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("//// "):
+            name = line[5:].strip()
+            out[name] = ""
+        elif name is not None:
+            out[name] += line
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(back_end):
+    """(partial, reduce) kernel objects of a back end, built once."""
+    parts = sections(source(_FILES[back_end]))
+    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
+    partial = make(
+        name="ksa_decode_partial", input_names=["q", "K", "V", "params", "scale"],
+        output_names=["part_o", "part_ml"], source=parts["partial"], header=parts["header"],
+        # The cache buffer is read where it lies: a copy would cost more than the step.
+        ensure_row_contiguous=False,
+    )
+    reduce = make(
+        name="ksa_decode_reduce", input_names=["part_o", "part_ml", "params"],
+        output_names=["out"], source=parts["reduce"], header=parts["header"],
+    )
+    return partial, reduce
+
+
+def supported(q, keys, values):
+    B, H, R, D = q.shape
+    return (
+        D in HEAD_DIMS and q.dtype in DTYPES and keys.dtype == values.dtype == q.dtype
+        and keys.shape == values.shape and keys.shape[0] == B and keys.shape[3] == D
+        and H % keys.shape[1] == 0
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar(x):
+    # The same every step: making an array costs as much as a small kernel.
+    return mx.array([x], dtype=mx.float32)
+
+
+def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None):
+    """Pass-1 launch: queries [B, H, 1 (+S), D], the text query over slots
+    [start, end) of keys/values [B, Hkv, slots, D], the summary queries (rows
+    1..S) over [0, sum_end = S + k). Keyword arguments of the kernel call."""
+    B, H, R, D = q.shape
+    Hkv = keys.shape[1]
+    n = end - start
+    if split_len is None:
+        per_head = max(1, TARGET_GROUPS // (B * Hkv))
+        split_len = max(MIN_SPLIT, -(-n // per_head))
+    n_splits = -(-n // split_len)  # every split non-empty
+    P = n_splits + R - 1
+    params = mx.array([start, end, n_splits, split_len, sum_end], dtype=mx.int32)
+    return dict(
+        inputs=[q, keys, values, params, _scalar(scale)],
+        output_shapes=[(B, H, P, D), (B, H, P, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+        grid=(32 * NW * (n_splits + (R > 1)), Hkv, B),
+        threadgroup=(32 * NW, 1, 1),
+        template=[("T", q.dtype), ("D", D), ("G", H // Hkv), ("NW", NW)],
+    )
+
+
+def plan_reduce(q, part_o, part_ml, params):
+    """Pass-2 launch: merges the text splits, normalizes every row."""
+    B, H, R, D = q.shape
+    return dict(
+        inputs=[part_o, part_ml, params],
+        output_shapes=[q.shape],
+        output_dtypes=[q.dtype],
+        grid=(D, R, B * H),
+        threadgroup=(D, 1, 1),
+        template=[("T", q.dtype), ("D", D)],
+    )
+
+
+def decode_attention(q, keys, values, start, end, sum_end, scale):
+    """Attention of one decode step over a KSACache buffer (see plan_partial);
+    [B, H, 1 (+S), D], or None where no kernel serves these inputs."""
+    back_end = backend()
+    if back_end is None or not supported(q, keys, values):
+        return None
+    partial, reduce = kernels(back_end)
+    launch = plan_partial(q, keys, values, start, end, sum_end, scale)
+    part_o, part_ml = partial(**launch)
+    return reduce(**plan_reduce(q, part_o, part_ml, launch["inputs"][3]))[0]
