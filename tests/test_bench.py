@@ -1,0 +1,33 @@
+"""The benchmark's quick mode runs end to end on the CPU and writes its JSON."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_ksa import bench, visibility
+from mlx_ksa.layout import Layout
+
+
+def test_quick_bench_on_cpu(tmp_path, capsys):
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        bench.main(["--quick", "--out", str(tmp_path / "b.json")])
+    finally:
+        mx.set_default_device(device)
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert set(bench.SECTIONS) <= set(results)
+    assert results["prefill"][0]["visible_entries"] == bench.visible_entries(256, 8, 1, 4)
+    assert all(r["ksa"] > 0 and r["dense"] > 0 for r in results["model"])
+    assert "### Decode attention" in capsys.readouterr().out
+
+
+def test_visible_entries_count_the_predicate():
+    for n, k, S, W in ((37, 4, 1, 2), (40, 3, 2, 1), (24, 8, 1, 0), (50, 5, 2, 100)):
+        layout = Layout(k, S)
+        # Expanded positions of n text tokens and the summaries of their complete chunks.
+        L = n // k * (k + S) + n % k
+        p = np.arange(L)
+        vis = visibility.visible(p[:, None], p[None, :], layout, W) & (p[:, None] >= p[None, :])
+        assert bench.visible_entries(n, k, S, W) == vis.sum()
