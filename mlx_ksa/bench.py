@@ -17,6 +17,9 @@ Sections:
            tokens/s, decode tokens/s (caches filled with random K/V: decode
            speed does not depend on the values, and no long prefill is needed),
            KV bytes.
+  train    training steps (forward, backward, AdamW) of a small model in the
+           KSA-4B-base layer mix vs the same shapes dense (mlx-lm's qwen3):
+           tokens/s at each sequence length.
   cpu      the CPU reference path (float32) vs MLX's dense SDPA on the CPU.
 
 Timing: warmup, then the median of several runs, each ended by mx.eval and
@@ -38,7 +41,7 @@ from .kernels import backend
 from .kernels import decode as decode_kernel
 from .layout import Layout
 
-SECTIONS = ("prefill", "decode", "model", "cpu")
+SECTIONS = ("prefill", "decode", "model", "train", "cpu")
 # Full and --quick sizes. The layer shapes are KSA-4B-base's.
 FULL = dict(
     layer=dict(H=32, Hkv=8, D=128, k=8, S=1, W=128),
@@ -48,6 +51,10 @@ FULL = dict(
                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                vocab_size=151937, windows="([128]*3+[16768]*1)*9"),
     model_prefill=[16384, 65536], model_decode=[16384, 65536, 131072], decode_steps=20,
+    train=dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=3072,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+               vocab_size=32001, windows="([128]*3+[2048])*3"),
+    train_lengths=[4096, 16384], train_steps=5,
     cpu=8192, copy_bytes=1 << 30,
 )
 QUICK = dict(
@@ -57,6 +64,10 @@ QUICK = dict(
                num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                vocab_size=257, windows="[4]*3+[64]"),
     model_prefill=[128], model_decode=[128], decode_steps=3,
+    train=dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+               num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+               vocab_size=257, windows="[4]*3+[64]"),
+    train_lengths=[128], train_steps=2,
     cpu=256, copy_bytes=1 << 22,
 )
 
@@ -167,10 +178,10 @@ def bench_decode(cfg, dtype=mx.bfloat16):
     return dict(copy_GBps=copy / 1e9, backend=backend() if served else "cpu", rows=rows)
 
 
-def model_args(cfg, max_context):
+def model_args(cfg, max_context, key="model"):
     from .model import ModelArgs
 
-    M = cfg["model"]
+    M = cfg[key]
     shapes = {x: M[x] for x in ("hidden_size", "num_hidden_layers", "intermediate_size",
                                 "num_attention_heads", "num_key_value_heads", "head_dim")}
     common = dict(model_type="qwen3", rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
@@ -257,6 +268,33 @@ def bench_model(cfg, dtype=mx.bfloat16):
     return [dict(phase=p, tokens=n, **v) for (p, n), v in rows.items()]
 
 
+def bench_train(cfg, dtype=mx.bfloat16):
+    """Training tokens/s, one sequence per step (the layout of long-context training)."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from .train import lm_loss
+
+    args = dict(zip(("ksa", "dense"), model_args(cfg, max(cfg["train_lengths"]) + 1, key="train")))
+    vocab = cfg["train"]["vocab_size"] - 1
+    rows = {}
+    for kind in ("ksa", "dense"):
+        model = build(kind, args[kind], dtype)
+        opt = optim.AdamW(1e-4)
+        loss_and_grad = nn.value_and_grad(model, lm_loss)
+
+        def step(batch):
+            loss, grads = loss_and_grad(model, batch)
+            opt.update(model, grads)
+            return loss, model.parameters(), opt.state
+
+        for n in cfg["train_lengths"]:
+            batch = mx.random.randint(0, vocab, (1, n + 1))
+            rows.setdefault(n, {})[kind] = n / timeit(lambda: step(batch), repeats=cfg["train_steps"])
+        del model, opt
+    return [dict(tokens=n, **v) for n, v in rows.items()]
+
+
 def bench_cpu(cfg):
     L = cfg["layer"]
     H, Hkv, D, k, S, W = (L[x] for x in ("H", "Hkv", "D", "k", "S", "W"))
@@ -310,6 +348,10 @@ def markdown(results):
                       [(r["phase"], r["tokens"], r["ksa"], r["dense"], r["ksa"] / r["dense"],
                         r.get("ksa_kv_bytes", 0) / 1e9 or None, r.get("dense_kv_bytes", 0) / 1e9 or None)
                        for r in results["model"]])]
+    if "train" in results:
+        out += ["", "### Training, small model (tokens/s; forward + backward + AdamW, one sequence per step)",
+                table(["sequence", "KSA", "dense", "KSA / dense"],
+                      [(r["tokens"], r["ksa"], r["dense"], r["ksa"] / r["dense"]) for r in results["train"]])]
     if "cpu" in results:
         c = results["cpu"]
         out += ["", f"### CPU, one KSA layer prefill at N={c['n']} ({c['dtype']})",
@@ -353,6 +395,8 @@ def main(argv=None):
         if cfg["model"]["vocab_size"] != FULL["model"]["vocab_size"]:
             results["notes"].append(f"model vocabulary {cfg['model']['vocab_size']} "
                                     f"(KSA-4B-base: {FULL['model']['vocab_size']})")
+    if "train" in sections:
+        results["train"] = bench_train(cfg)
     if "cpu" in sections:
         results["cpu"] = bench_cpu(cfg)
     print(markdown(results))

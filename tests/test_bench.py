@@ -19,7 +19,7 @@ def test_quick_bench_on_cpu(tmp_path, capsys):
     results = json.loads((tmp_path / "b.json").read_text())
     assert set(bench.SECTIONS) <= set(results)
     assert results["prefill"][0]["visible_entries"] == bench.visible_entries(256, 8, 1, 4)
-    assert all(r["ksa"] > 0 and r["dense"] > 0 for r in results["model"])
+    assert all(r["ksa"] > 0 and r["dense"] > 0 for r in results["model"] + results["train"])
     assert "### Decode attention" in capsys.readouterr().out
 
 

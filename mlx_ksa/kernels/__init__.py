@@ -5,6 +5,7 @@ that returns None where no kernel serves the inputs (CPU, an unsupported
 shape or dtype), so callers fall back to the pure-MLX reference path.
 """
 
+import contextlib
 import functools
 from importlib import resources
 from pathlib import Path
@@ -12,17 +13,32 @@ from pathlib import Path
 import mlx.core as mx
 
 _REPO = Path(__file__).resolve().parents[2]
+_enabled = True
 
 
 def backend():
-    """'metal', 'cuda' or None (CPU) for the default device."""
-    if mx.default_device().type != mx.gpu:
+    """'metal', 'cuda' or None (CPU, or kernels turned off) for the default device."""
+    if not _enabled or mx.default_device().type != mx.gpu:
         return None
     if mx.metal.is_available():
         return "metal"
     if mx.cuda.is_available():
         return "cuda"
     return None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the pure-MLX reference path on every back end inside this block:
+    the oracle the kernels are checked against, and a way to rule a kernel out
+    when a result looks wrong. The choice is made when an op is called, so the
+    arrays may be evaluated after the block."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 @functools.lru_cache(maxsize=None)
