@@ -72,6 +72,9 @@ QUICK = dict(
 )
 
 
+DENSE_CPU_MAX = 8192
+
+
 def timeit(fn, warmup=1, repeats=5, inner=1):
     """Median seconds of one fn() call."""
     for _ in range(warmup):
@@ -120,14 +123,26 @@ def bench_prefill(cfg, dtype=mx.bfloat16):
         row["ksa_s"] = timeit(lambda: ksa_attention(*args, **opts))
         row["sdpa_causal_s"] = timeit(
             lambda: mx.fast.scaled_dot_product_attention(q_t, k_t, v_t, scale=scale, mask="causal"))
-        row["reference_s"] = (timeit(lambda: reference_attention(*args, **opts), repeats=3)
-                              if n <= cfg["reference_max"] else None)
+        row["reference_s"] = row["reference_peak_bytes"] = None
+        if n <= cfg["reference_max"]:
+            row["reference_s"], row["reference_peak_bytes"] = peak(
+                lambda: timeit(lambda: reference_attention(*args, **opts), repeats=3))
+        row["dense_mask_bytes"] = (n + m) ** 2  # the boolean mask alone a masked SDPA would need
         row["ksa_tflops"] = tflops(entries, H, D, row["ksa_s"])
         row["sdpa_causal_tflops"] = tflops(causal, H, D, row["sdpa_causal_s"])
         if row["reference_s"]:
             row["reference_tflops"] = tflops(entries, H, D, row["reference_s"])
         rows.append(row)
     return rows
+
+
+def peak(fn):
+    """(fn(), peak bytes MLX allocated during it beyond what was live before)."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = fn()
+    return out, mx.get_peak_memory() - base
 
 
 def copy_bandwidth(nbytes):
@@ -304,10 +319,12 @@ def bench_cpu(cfg):
                 ((H, n), (H, m), (Hkv, n), (Hkv, n), (Hkv, m), (Hkv, m))]
         mx.eval(args)
         opts = dict(layout=Layout(k, S), window=W, t0=0, text_base=0, scale=scale)
-        ref = timeit(lambda: reference_attention(*args, **opts), repeats=3)
+        ref, ref_peak = peak(lambda: timeit(lambda: reference_attention(*args, **opts), repeats=3))
+        # MLX's CPU SDPA builds the whole [H, N, N] score matrix: 128 GiB at 32K.
         dense = timeit(lambda: mx.fast.scaled_dot_product_attention(
-            args[0], args[2], args[3], scale=scale, mask="causal"), repeats=3)
-    return dict(n=n, dtype="float32", reference_s=ref, dense_sdpa_s=dense, ratio=ref / dense)
+            args[0], args[2], args[3], scale=scale, mask="causal"), repeats=3) if n <= DENSE_CPU_MAX else None
+    return dict(n=n, dtype="float32", reference_s=ref, dense_sdpa_s=dense, ratio=dense and ref / dense,
+                reference_peak_bytes=ref_peak, dense_mask_bytes=(n + m) ** 2)
 
 
 # -- report --------------------------------------------------------------
@@ -331,9 +348,13 @@ def markdown(results):
     us = lambda s: s * 1e6
     if "prefill" in results:
         out += ["", "### Prefill attention, one KSA layer (ms; TFLOP/s over visible / causal entries)",
-                table(["N", "ksa_attention", "TFLOP/s", "SDPA causal", "TFLOP/s", "reference", "TFLOP/s"],
+                table(["N", "ksa_attention", "TFLOP/s", "SDPA causal", "TFLOP/s", "reference", "TFLOP/s",
+                       "vs SDPA", "vs reference", "reference peak MB", "dense mask MB"],
                       [(r["n"], ms(r["ksa_s"]), r["ksa_tflops"], ms(r["sdpa_causal_s"]),
-                        r["sdpa_causal_tflops"], ms(r["reference_s"]) or "skipped", r.get("reference_tflops"))
+                        r["sdpa_causal_tflops"], ms(r["reference_s"]) or "skipped", r.get("reference_tflops"),
+                        r["sdpa_causal_s"] / r["ksa_s"], r["reference_s"] and r["reference_s"] / r["ksa_s"],
+                        r["reference_peak_bytes"] and r["reference_peak_bytes"] / 2**20,
+                        r["dense_mask_bytes"] / 2**20)
                        for r in results["prefill"]])]
     if "decode" in results:
         d = results["decode"]
@@ -355,8 +376,9 @@ def markdown(results):
     if "cpu" in results:
         c = results["cpu"]
         out += ["", f"### CPU, one KSA layer prefill at N={c['n']} ({c['dtype']})",
-                table(["reference (ms)", "dense SDPA (ms)", "ratio"],
-                      [(ms(c["reference_s"]), ms(c["dense_sdpa_s"]), c["ratio"])])]
+                table(["reference (ms)", "dense SDPA (ms)", "ratio", "reference peak MB", "dense mask MB"],
+                      [(ms(c["reference_s"]), ms(c["dense_sdpa_s"]) or "skipped", c["ratio"],
+                        c["reference_peak_bytes"] / 2**20, c["dense_mask_bytes"] / 2**20)])]
     if results["notes"]:
         out += [""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(out)
@@ -368,17 +390,20 @@ def main(argv=None):
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
     p.add_argument("--out", help="write the results as JSON here")
-    for key in ("prefill", "decode", "model-prefill", "model-decode"):
+    for key in ("prefill", "decode", "model-prefill", "model-decode", "train-lengths"):
         p.add_argument(f"--{key}", help="comma-separated sizes, overriding the defaults")
+    p.add_argument("--cpu", type=int, help=f"tokens of the cpu section (dense SDPA skipped above {DENSE_CPU_MAX})")
     p.add_argument("--vocab", type=int, help="model vocabulary (default 151937), to save memory")
     a = p.parse_args(argv)
     sections = a.sections.split(",")
     if unknown := set(sections) - set(SECTIONS):
         p.error(f"unknown sections {sorted(unknown)}")
     cfg = {**(QUICK if a.quick else FULL)}
-    for key in ("prefill", "decode", "model_prefill", "model_decode"):
+    for key in ("prefill", "decode", "model_prefill", "model_decode", "train_lengths"):
         if getattr(a, key):
             cfg[key] = [int(x) for x in getattr(a, key).split(",")]
+    if a.cpu:
+        cfg["cpu"] = a.cpu
     if a.vocab:
         cfg["model"] = {**cfg["model"], "vocab_size": a.vocab}
     results = dict(device=str(mx.default_device()) + (f" ({backend()})" if backend() else ""),
