@@ -324,7 +324,8 @@ def bench_cpu(cfg):
         dense = timeit(lambda: mx.fast.scaled_dot_product_attention(
             args[0], args[2], args[3], scale=scale, mask="causal"), repeats=3) if n <= DENSE_CPU_MAX else None
     return dict(n=n, dtype="float32", reference_s=ref, dense_sdpa_s=dense, ratio=dense and ref / dense,
-                reference_peak_bytes=ref_peak, dense_mask_bytes=(n + m) ** 2)
+                reference_peak_bytes=ref_peak, dense_mask_bytes=(n + m) ** 2,
+                dense_scores_bytes=4 * H * (n + m) ** 2)
 
 
 # -- report --------------------------------------------------------------
@@ -376,9 +377,11 @@ def markdown(results):
     if "cpu" in results:
         c = results["cpu"]
         out += ["", f"### CPU, one KSA layer prefill at N={c['n']} ({c['dtype']})",
-                table(["reference (ms)", "dense SDPA (ms)", "ratio", "reference peak MB", "dense mask MB"],
+                table(["reference (ms)", "dense SDPA (ms)", "ratio", "reference peak MB", "dense mask MB",
+                       "dense float32 scores MB"],
                       [(ms(c["reference_s"]), ms(c["dense_sdpa_s"]) or "skipped", c["ratio"],
-                        c["reference_peak_bytes"] / 2**20, c["dense_mask_bytes"] / 2**20)])]
+                        c["reference_peak_bytes"] / 2**20, c["dense_mask_bytes"] / 2**20,
+                        c["dense_scores_bytes"] / 2**20)])]
     if results["notes"]:
         out += [""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(out)
