@@ -18,7 +18,7 @@ built, from `visibility`.
 import mlx.core as mx
 
 from . import visibility
-from .kernels import prefill
+from .kernels import prefill, prefill_backward
 
 # Largest score tile (queries x keys x heads x batch) one reference block may
 # build. MLX keeps several tiles in flight, so on the CPU small tiles bound the
@@ -43,10 +43,23 @@ def ksa_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window
     reference = lambda *xs: reference_attention(*xs, **opts)
     if not prefill.supported(*arrays):  # CPU, or inputs no kernel serves
         return reference(*arrays)
-    # The kernel has no autodiff: gradients come from the reference.
-    fused = mx.custom_function(lambda *xs: prefill.prefill_attention(*xs, **opts))
-    fused.vjp(lambda primals, cotangents, _: mx.vjp(reference, list(primals), list(cotangents))[1])
-    return fused(*arrays)
+    # The kernels have no autodiff: the vjp runs the backward kernel on the
+    # forward's outputs and lse, hidden from the caller. Where causal SDPA serves
+    # the text (faster, but no lse) the backward recomputes the forward with lse.
+    save_lse = not prefill.causal_text(q_text.shape[2], layout=layout, window=window, t0=t0,
+                                       text_base=text_base)
+    fused = mx.custom_function(lambda *xs: prefill.prefill_attention(*xs, **opts, return_lse=save_lse))
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        if not save_lse:
+            outputs = prefill.prefill_attention(*primals, **opts, return_lse=True)
+        grads = prefill_backward.prefill_attention_vjp(primals, outputs, cotangents[:2], **opts)
+        if grads is None:
+            grads = mx.vjp(reference, list(primals), list(cotangents[:2]))[1]
+        return grads
+
+    return tuple(fused(*arrays)[:2])
 
 
 def reference_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window, t0,

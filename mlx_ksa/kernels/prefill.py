@@ -91,6 +91,16 @@ def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, win
     )
 
 
+def causal_text(n, *, layout, window, t0, text_base, back_end=None):
+    """Whether prefill_attention sends the text queries to causal SDPA (unless
+    asked for lse): a whole-context layer's text queries over keys of their own
+    length are plain causal attention, which cuDNN runs at ~2.5x this kernel's rate."""
+    k, lo = layout.chunk, visibility.band_start(t0, layout.chunk, window)
+    return ((back_end or backend()) == "cuda" and lo == text_base == t0
+            and visibility.summary_prefix(t0 + n - 1, k, layout.summaries, window) == 0
+            and visibility.band_start(t0 + n - 1, k, window) == lo)
+
+
 def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window, t0,
                       text_base, scale, return_lse=False):
     """`reference_attention` in one fused launch, or None where unsupported.
@@ -106,12 +116,8 @@ def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, wi
     k, n = layout.chunk, q_text.shape[2]
     if text_base % k or text_base > visibility.band_start(t0, k, window):
         raise ValueError(f"text keys start at {text_base}, after the window of query {t0}")
-    # A whole-context layer's text queries over keys of their own length are
-    # plain causal attention: cuDNN runs that at ~2.5x this kernel's rate.
-    lo = visibility.band_start(t0, k, window)
-    causal = (back_end == "cuda" and not return_lse and lo == text_base == t0
-              and visibility.summary_prefix(t0 + n - 1, k, layout.summaries, window) == 0
-              and visibility.band_start(t0 + n - 1, k, window) == lo)
+    causal = not return_lse and causal_text(n, layout=layout, window=window, t0=t0,
+                                            text_base=text_base, back_end=back_end)
     args = launch(back_end, *arrays, layout=layout, window=window, t0=t0,
                   text_base=text_base, scale=scale, text=not causal)
     o_text, o_sum, lse_text, lse_sum = kernel(back_end)(**args)
