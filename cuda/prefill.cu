@@ -126,6 +126,8 @@ if (int(blockIdx.x) >= text_tiles) {
     const int r = (blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i;
     if (r >= n_sq) break;
     const int c = c0 + r / S, j = r % S;
+    // k_sum may start after summary 0 (see attention.summary_base).
+    const int sum_base = (t0 / chunk) * S + n_sq - Ls;
     const size_t qrow = (size_t(b) * H + h) * n_sq + r;
     float q[E], acc[E];
     #pragma unroll
@@ -137,7 +139,7 @@ if (int(blockIdx.x) >= text_tiles) {
     // Keys: summaries c*S .. c*S+j, then texts c*k .. c*k+k-1.
     for (int key = 0; key <= j + chunk; ++key) {
       const bool is_sum = key <= j;
-      const size_t row = is_sum ? size_t(c) * S + key : size_t(c) * chunk + (key - j - 1) - text_base;
+      const size_t row = is_sum ? size_t(c) * S + key - sum_base : size_t(c) * chunk + (key - j - 1) - text_base;
       const T* kp = (is_sum ? ks : kt) + row * D + lane * E;
       const T* vp = (is_sum ? vs : vt) + row * D + lane * E;
       float s = 0.f;

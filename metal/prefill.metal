@@ -47,6 +47,8 @@ if (tile >= text_tiles) {
   const int r = (tile - text_tiles) * BQ + lid;
   if (r >= n_sq) return;
   const int c = t0 / chunk + r / S, j = r % S;
+  // k_sum may start after summary 0 (see attention.summary_base).
+  const int sum_base = (t0 / chunk) * S + n_sq - Ls;
   const size_t qrow = (size_t(b) * H + h) * n_sq + r;
   for (int d = 0; d < D; ++d) {
     q[d] = float(q_sum[qrow * D + d]) * sl2;
@@ -54,7 +56,7 @@ if (tile >= text_tiles) {
   }
   for (int key = 0; key <= j + chunk; ++key) {
     const bool is_sum = key <= j;
-    const size_t row = is_sum ? size_t(c) * S + key : size_t(c) * chunk + (key - j - 1) - text_base;
+    const size_t row = is_sum ? size_t(c) * S + key - sum_base : size_t(c) * chunk + (key - j - 1) - text_base;
     const device T* kp = (is_sum ? ks : kt) + row * D;
     const device T* vp = (is_sum ? vs : vt) + row * D;
     float s = 0.0f;

@@ -34,8 +34,9 @@ def ksa_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window
     q_text: [B, H, n, D], text indices t0 .. t0+n-1.
     q_sum: [B, H, m*S, D], the summaries of the m chunks completed by those texts.
     k_text, v_text: [B, Hkv, Lt, D], text indices text_base .. t0+n-1.
-    k_sum, v_sum: [B, Hkv, Ls, D], summary indices 0 .. Ls-1 (Ls covers every
-        summary a query may see, the new ones included).
+    k_sum, v_sum: [B, Hkv, Ls, D], the summary stream up to the new queries'
+        last summary; it starts at `summary_base` (0, except for a cache
+        that keeps no summaries).
     Returns (o_text [B, H, n, D], o_sum [B, H, m*S, D]).
     """
     arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
@@ -68,6 +69,9 @@ def reference_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, 
     n = q_text.shape[2]
     if text_base % k or text_base > visibility.band_start(t0, k, window):
         raise ValueError(f"text keys start at {text_base}, after the window of query {t0}")
+    base = summary_base(t0, q_sum.shape[2], k_sum.shape[2], layout)
+    if base and visibility.summary_prefix(t0 + n - 1, k, S, window):
+        raise ValueError(f"summary keys start at {base}, but query {t0 + n - 1} sees older ones")
     o_text = [
         _text_block(q_text[:, :, a - t0 : b - t0], k_text, v_text, k_sum, v_sum,
                     k, S, window, a, b, text_base, scale)
@@ -75,7 +79,18 @@ def reference_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, 
     ]
     o_text = mx.concatenate(o_text, axis=2) if len(o_text) > 1 else o_text[0]
     return o_text, _summary_queries(q_sum, k_text, v_text, k_sum, v_sum, layout, t0,
-                                    text_base, scale)
+                                    text_base, base, scale)
+
+
+def summary_base(t0, n_sum_queries, n_sum_keys, layout):
+    """Summary index of the first summary key. The keys run up to the last new
+    summary; a cache that keeps no summaries (a layer whose window covers every
+    context it sees) passes only the new ones, which is enough: its text
+    queries see no summary, and a summary query sees its own chunk's only."""
+    base = (t0 // layout.chunk) * layout.summaries + n_sum_queries - n_sum_keys
+    if base < 0:
+        raise ValueError(f"{n_sum_keys} summary keys, more than the {base + n_sum_keys} up to the new ones")
+    return base
 
 
 def _text_blocks(q, k_text, t0, n, layout, window, text_base):
@@ -117,7 +132,7 @@ def _text_block(q, k_text, v_text, k_sum, v_sum, k, S, window, a, b, text_base, 
     return mx.fast.scaled_dot_product_attention(q, keys, vals, scale=scale, mask=mask)
 
 
-def _summary_queries(q_sum, k_text, v_text, k_sum, v_sum, layout, t0, text_base, scale):
+def _summary_queries(q_sum, k_text, v_text, k_sum, v_sum, layout, t0, text_base, sum_base, scale):
     """Each completed chunk's summaries over [its summaries | its text], chunks as batch."""
     k, S = layout.chunk, layout.summaries
     B, H, mS, D = q_sum.shape
@@ -132,10 +147,10 @@ def _summary_queries(q_sum, k_text, v_text, k_sum, v_sum, layout, t0, text_base,
         return x.reshape(-1, x.shape[2], width, D)
 
     keys = mx.concatenate(
-        [per_chunk(k_sum, c0 * S, S), per_chunk(k_text, c0 * k - text_base, k)], axis=2
+        [per_chunk(k_sum, c0 * S - sum_base, S), per_chunk(k_text, c0 * k - text_base, k)], axis=2
     )
     vals = mx.concatenate(
-        [per_chunk(v_sum, c0 * S, S), per_chunk(v_text, c0 * k - text_base, k)], axis=2
+        [per_chunk(v_sum, c0 * S - sum_base, S), per_chunk(v_text, c0 * k - text_base, k)], axis=2
     )
     mask = mx.array(visibility.summary_mask(k, S))
     out = mx.fast.scaled_dot_product_attention(

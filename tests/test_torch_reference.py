@@ -73,3 +73,12 @@ def test_batch_of_two(case):
     other = random_ids(len(ids), cfg["summary_token_begin"], seed=99)
     logits = np.array(model(mx.array(np.stack([other, ids])))[1])
     assert np.abs(logits - expected).max() <= TOL
+
+
+def test_cache_sized_to_the_context(case):
+    """make_cache(max_context) drops the summaries of layers whose window covers
+    the whole context; chunked prefill and decode through it stay exact."""
+    model, cfg, ids, expected = case
+    cache = model.make_cache(max_context=len(ids))
+    logits = run_steps(model, ids, [30, 3, 17] + [1] * (len(ids) - 50), cache)
+    assert np.abs(logits - expected).max() <= TOL
