@@ -343,8 +343,11 @@ def table(head, rows):
     return "\n".join(lines)
 
 
-def markdown(results):
-    out = [f"device: {results['device']}" + (" (quick sizes)" if results["quick"] else "")]
+def markdown(results, only=None):
+    """The results as markdown tables; `only` one section, without the header."""
+    if only:
+        results = {k: v for k, v in results.items() if k not in SECTIONS or k == only}
+    out = [] if only else [f"device: {results['device']}" + (" (quick sizes)" if results["quick"] else "")]
     ms = lambda s: None if s is None else s * 1e3
     us = lambda s: s * 1e6
     if "prefill" in results:
@@ -411,26 +414,30 @@ def main(argv=None):
         cfg["model"] = {**cfg["model"], "vocab_size": a.vocab}
     results = dict(device=str(mx.default_device()) + (f" ({backend()})" if backend() else ""),
                    quick=a.quick, config=cfg, notes=[])
-    if "prefill" in sections:
-        results["prefill"] = bench_prefill(cfg)
-        if any(r["reference_s"] is None for r in results["prefill"]):
-            results["notes"].append(f"reference_attention skipped above N={cfg['reference_max']} (too slow)")
-    if "decode" in sections:
-        results["decode"] = bench_decode(cfg)
-    if "model" in sections:
-        results["model"] = bench_model(cfg)
-        results["notes"].append("model decode: caches filled with random K/V at the context, no prefill")
-        if cfg["model"]["vocab_size"] != FULL["model"]["vocab_size"]:
-            results["notes"].append(f"model vocabulary {cfg['model']['vocab_size']} "
-                                    f"(KSA-4B-base: {FULL['model']['vocab_size']})")
-    if "train" in sections:
-        results["train"] = bench_train(cfg)
-    if "cpu" in sections:
-        results["cpu"] = bench_cpu(cfg)
-    print(markdown(results))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    notes = {
+        "prefill": lambda r: any(x["reference_s"] is None for x in r)
+        and f"reference_attention skipped above N={cfg['reference_max']} (too slow)",
+        "model": lambda r: "model decode: caches filled with random K/V at the context, no prefill",
+    }
+    if cfg["model"]["vocab_size"] != FULL["model"]["vocab_size"]:
+        results["notes"].append(f"model vocabulary {cfg['model']['vocab_size']} "
+                                f"(KSA-4B-base: {FULL['model']['vocab_size']})")
+    run = {"prefill": bench_prefill, "decode": bench_decode, "model": bench_model,
+           "train": bench_train, "cpu": bench_cpu}
+    print(markdown({k: v for k, v in results.items() if k != "notes"} | {"notes": []}), flush=True)
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        results[name] = run[name](cfg)
+        if name in notes and (note := notes[name](results[name])):
+            results["notes"].append(note)
+        # Each section as it ends: a later one may take the process down.
+        print(markdown({**results, "notes": []}, only=name), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+    if results["notes"]:
+        print("\n".join(f"- {n}" for n in results["notes"]))
     return results
 
 
