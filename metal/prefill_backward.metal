@@ -8,13 +8,8 @@
 // blocks of BS rows. Only threadgroup barriers, reached by every thread of a
 // tile (rows past the end run the loop on the last row and store nothing).
 
-// visibility.band_start / summary_prefix.
-inline int ksa_band_start(int t, int chunk, int window) {
-  return max(t / chunk - window, 0) * chunk;
-}
-inline int ksa_summary_prefix(int t, int chunk, int summaries, int window) {
-  return max(t / chunk - window, 0) * summaries;
-}
+// The header follows metal/prefill.metal's, whose ksa_band_start and
+// ksa_summary_prefix (visibility.band_start / summary_prefix) it uses.
 
 // The launch parameters (params input, see mlx_ksa/kernels/prefill_backward.py).
 struct KsaBwd {
@@ -35,20 +30,6 @@ inline KsaBwd ksa_read_params(P a) {
 // window_end(c)) see chunk c's text and later ones its summaries.
 inline int ksa_window_end(int c, KsaBwd p) { return (c + p.window + 1) * p.chunk; }
 
-// visibility.visible in stream indices.
-inline bool ksa_sees(bool q_sum, int q, bool k_sum, int key, KsaBwd p) {
-  if (q_sum) return k_sum ? key / p.S == q / p.S && key <= q : key / p.chunk == q / p.S;
-  return k_sum ? key < ksa_summary_prefix(q, p.chunk, p.S, p.window)
-               : ksa_band_start(q, p.chunk, p.window) <= key && key <= q;
-}
-
-// Whether every query of [q0, q1] sees every key of [k0, k1] (no mask needed).
-inline bool ksa_all_see(bool q_sum, int q0, int q1, bool k_sum, int k0, int k1, KsaBwd p) {
-  if (q_sum) return false;
-  return k_sum ? k1 < ksa_summary_prefix(q0, p.chunk, p.S, p.window)
-               : k1 <= q0 && ksa_band_start(q1, p.chunk, p.window) <= k0;
-}
-
 // Stream index range [lo, hi).
 struct KsaRange {
   int lo, hi;
@@ -56,8 +37,9 @@ struct KsaRange {
 
 // The partners of rows [r0, r1] of one kind (sum): for query rows (kv false)
 // the keys they may see, for key rows (kv true) the queries that may see them;
-// other_sum picks the summary or the text partners. A superset: ksa_sees
-// decides each pair.
+// other_sum picks the summary or the text partners. For one row (r0 = r1) the
+// range is exactly the visible partners of that kind (visibility.visible);
+// for a tile, the union of its rows' ranges.
 inline KsaRange ksa_partners(bool kv, bool sum, int r0, int r1, bool other_sum, KsaBwd p) {
   const int k = p.chunk, S = p.S;
   // Chunks whose summaries are queries (S = 0: the no-summary baseline).
@@ -137,7 +119,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
   const int hp = kv ? h * p.G + g : h / p.G;  // the partners' head
   for (int pass = 0; pass < 2; ++pass) {
     const bool osum = pass == 0;
-    const KsaRange range = ksa_partners(kv, rsum, r0, r1, osum, p);
+    const KsaRange range = ksa_partners(kv, rsum, r0, r1, osum, p);  // the tile's
+    const KsaRange vis = ksa_partners(kv, rsum, ri, ri, osum, p);     // this row's
     const int obase = ksa_row0(!kv, osum, p);
     const size_t ohead = (size_t(b) * (kv ? p.H : Hkv) + hp) * ksa_rows(!kv, osum, p);
     const device T* B0 = kv ? (osum ? q_sum : q_text) : (osum ? k_sum : k_text);
@@ -154,12 +137,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
-      const int s1 = min(s0 + BS, range.hi) - 1;
-      const bool all = kv ? ksa_all_see(osum, s0, s1, rsum, r0, r1, p)
-                          : ksa_all_see(rsum, r0, r1, osum, s0, s1, p);
-      for (int c = 0; c <= s1 - s0; ++c) {
-        const int s = s0 + c;
-        if (!all && !(kv ? ksa_sees(osum, s, rsum, ri, p) : ksa_sees(rsum, ri, osum, s, p))) continue;
+      for (int s = max(s0, vis.lo); s < min(s0 + BS, vis.hi); ++s) {
+        const int c = s - s0;
         float x = 0.0f, dp = 0.0f;
         for (int d = 0; d < D; ++d) {
           x += a0[d] * float(sb0[c * D + d]);
@@ -169,9 +148,7 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
         const float lse2 = kv ? olse[ohead + s - obase] * LOG2E : row_lse2;
         const float delta = kv ? odelta[ohead + s - obase] : row_delta;
         const float prob = exp2(x * sl2 - lse2), ds = prob * (dp - delta);
-        for (int d = 0; d < D; ++d) {
-          acc0[d] += ds * float(sb0[c * D + d]);
-        }
+        for (int d = 0; d < D; ++d) acc0[d] += ds * float(sb0[c * D + d]);
         if (kv)
           for (int d = 0; d < D; ++d) acc1[d] += prob * float(sb1[c * D + d]);
       }

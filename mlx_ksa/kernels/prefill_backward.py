@@ -32,6 +32,8 @@ def kernel(back_end):
     """The kernel object for 'metal' or 'cuda'; MLX compiles once per template."""
     name = {"metal": "metal/prefill_backward.metal", "cuda": "cuda/prefill_backward.cu"}[back_end]
     header, body = prefill.split_source(name)
+    # After the forward's header: its device helpers and visibility math.
+    header = prefill.split_source(name.replace("_backward", ""))[0] + header
     make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
     return make("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
 
