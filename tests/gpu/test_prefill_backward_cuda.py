@@ -1,0 +1,123 @@
+"""The CUDA prefill backward kernel against mx.vjp of the reference (skips without CUDA).
+
+    python -m pytest -q tests/gpu/test_prefill_backward_cuda.py
+    python tests/gpu/test_prefill_backward_cuda.py --bench [--out backward.json]
+
+The second form times one KSA layer's backward at 16K tokens (bf16, 32/8
+heads, D 128, k 8, S 1, W 128): the fused backward kernel alone, forward +
+backward through ksa_attention, and the reference path's vjp.
+"""
+
+import argparse
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_ksa.attention import ksa_attention, reference_attention
+from mlx_ksa.kernels import prefill, prefill_backward
+from mlx_ksa.model import Model, ModelArgs
+from tests import torch_reference as ref
+from tests.gpu.test_prefill_cuda import timed
+from tests.test_prefill_backward import CASES, NAMES, check_grads, make_grad_case
+
+pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
+
+# (B, H, Hkv, D, k, S, window, t0, n, dtype): the emulator's small cases in the
+# dtypes the CUDA kernel serves, plus many tiles, many partner blocks, summary
+# ranges longer than a block, a 128-chunk window, a whole-context window.
+GPU_CASES = [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in CASES] + [
+    (1, 8, 2, 128, 8, 1, 4, 0, 1000, mx.bfloat16),
+    (1, 4, 1, 64, 8, 1, 0, 0, 777, mx.float16),
+    (1, 4, 4, 128, 4, 2, 2, 300, 201, mx.float16),
+    (2, 4, 1, 64, 8, 1, 1000, 0, 500, mx.bfloat16),
+    (1, 4, 1, 128, 8, 1, 128, 0, 2100, mx.bfloat16),
+    (1, 8, 1, 128, 8, 1, 16, 1531, 1030, mx.bfloat16),
+]
+
+
+def kernel_grads(arrays, opts, cot):
+    outs = prefill.prefill_attention(*arrays, **opts, return_lse=True)
+    return prefill_backward.prefill_attention_vjp(arrays, outs, cot, **opts)
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_backward_matches_reference_vjp(case):
+    arrays, opts, cot = make_grad_case(*case)
+    check_grads(kernel_grads(arrays, opts, cot), arrays, opts, cot)
+
+
+@pytest.mark.parametrize("window", [2, 100])  # a KSA layer; a whole-context layer (causal SDPA forward)
+def test_grad_through_ksa_attention_uses_the_kernel(window):
+    arrays, opts, cot = make_grad_case(1, 4, 2, 128, 8, 1, window, 0, 300, mx.bfloat16)
+    fn = lambda *xs: ksa_attention(*xs, **opts)
+    got = mx.vjp(fn, list(arrays), list(cot))[1]
+    check_grads(got, arrays, opts, cot)
+    # The kernel's own gradients, bit for bit: the vjp did not fall back to the reference.
+    for name, g, w in zip(NAMES, got, kernel_grads(arrays, opts, cot)):
+        assert mx.array_equal(g, w), name
+
+
+def test_float32_falls_back_to_the_reference_vjp():
+    arrays, opts, cot = make_grad_case(1, 2, 1, 64, 4, 1, 1, 0, 9, mx.float32)
+    assert prefill_backward.prefill_attention_vjp(arrays, (None,) * 4, cot, **opts) is None
+    check_grads(mx.vjp(lambda *xs: ksa_attention(*xs, **opts), list(arrays), list(cot))[1],
+                arrays, opts, cot)
+
+
+def test_model_gradients_match_the_reference_path(monkeypatch):
+    """nn.value_and_grad of a tiny bf16 KSA model (3 KSA layers, 1 whole-context
+    layer) through the kernels equals the reference path's, within bf16 noise."""
+    cfg = ref.make_config(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                          summary_chunk_size=8, summary_sliding_chunk_num="[2]*3+[64]")
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(cfg))
+    model.set_dtype(mx.bfloat16)
+    ids = mx.array(np.random.default_rng(0).integers(0, cfg["summary_token_begin"], (2, 301)), mx.int32)
+
+    def loss(m, x):
+        logits = m(x[:, :-1]).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, x[:, 1:]).mean()
+
+    step = nn.value_and_grad(model, loss)
+    value, grads = step(model, ids)
+    monkeypatch.setattr(prefill, "supported", lambda *a, **k: False)  # the reference path
+    ref_value, ref_grads = step(model, ids)
+    assert abs(value.item() - ref_value.item()) < 1e-2 * abs(ref_value.item())
+    flat, ref_flat = dict(nn.utils.tree_flatten(grads)), dict(nn.utils.tree_flatten(ref_grads))
+    for name, g in flat.items():
+        g, w = (np.array(x.astype(mx.float32)) for x in (g, ref_flat[name]))
+        err = np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-6)
+        assert err < 3e-2, (name, err)
+
+
+# -- benchmark ------------------------------------------------------------
+def bench(n=16384, reps=5):
+    H, Hkv, D, k, S, W = 32, 8, 128, 8, 1, 128
+    arrays, opts, cot = make_grad_case(1, H, Hkv, D, k, S, W, 0, n, mx.bfloat16)
+    outs = prefill.prefill_attention(*arrays, **opts, return_lse=True)
+    mx.eval(outs)
+    row = dict(n=n, window=W, H=H, Hkv=Hkv, D=D, k=k, S=S, dtype="bfloat16")
+    row["forward_kernel_ms"] = 1e3 * timed(lambda: prefill.prefill_attention(*arrays, **opts), reps)
+    row["backward_kernel_ms"] = 1e3 * timed(
+        lambda: prefill_backward.prefill_attention_vjp(arrays, outs, cot, **opts), reps)
+    vjp = lambda f: (lambda: mx.vjp(lambda *xs: f(*xs, **opts), list(arrays), list(cot)))
+    row["ksa_attention_fwd_bwd_ms"] = 1e3 * timed(vjp(ksa_attention), reps)
+    row["reference_fwd_bwd_ms"] = 1e3 * timed(vjp(reference_attention), 2)
+    row["speedup_fwd_bwd_vs_reference"] = row["reference_fwd_bwd_ms"] / row["ksa_attention_fwd_bwd_ms"]
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.bench:
+        rows = bench()
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(dict(device=str(mx.default_device()), rows=rows), f, indent=1)
