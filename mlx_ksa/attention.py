@@ -51,11 +51,16 @@ def ksa_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window
                                        text_base=text_base)
     fused = mx.custom_function(lambda *xs: prefill.prefill_attention(*xs, **opts, return_lse=save_lse))
 
+    # The backward kernel reads summary keys from summary 0 (no cache: training).
+    backward_kernel = summary_base(t0, q_sum.shape[2], k_sum.shape[2], layout) == 0
+
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
         if not save_lse:
             outputs = prefill.prefill_attention(*primals, **opts, return_lse=True)
-        grads = prefill_backward.prefill_attention_vjp(primals, outputs, cotangents[:2], **opts)
+        grads = None
+        if backward_kernel:
+            grads = prefill_backward.prefill_attention_vjp(primals, outputs, cotangents[:2], **opts)
         if grads is None:
             grads = mx.vjp(reference, list(primals), list(cotangents[:2]))[1]
         return grads
