@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs
 
 from . import visibility
@@ -251,6 +252,30 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor parallelism over `group`, as mlx-lm shards Qwen3: each rank
+        keeps 1/N of the query heads, KV heads (so its caches hold only those)
+        and MLP rows; o_proj and down_proj sum the ranks' parts. The summary
+        branch's projections split like the base ones; embeddings, norms and
+        lm_head stay whole."""
+        group = group or mx.distributed.init()
+        N, args = group.size(), self.args
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if getattr(args, key) % N:
+                raise ValueError(f"cannot shard {key} = {getattr(args, key)} over {N} ranks")
+        split = lambda m, name, how: setattr(m, name, shard_linear(getattr(m, name), how, group=group))
+        for layer in self.layers:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "q_proj_summary", "k_proj_summary", "v_proj_summary"):
+                if name in attn:
+                    split(attn, name, "all-to-sharded")
+            split(attn, "o_proj", "sharded-to-all")
+            attn.n_heads //= N
+            attn.n_kv_heads //= N
+            split(layer.mlp, "gate_proj", "all-to-sharded")
+            split(layer.mlp, "up_proj", "all-to-sharded")
+            split(layer.mlp, "down_proj", "sharded-to-all")
 
     def make_cache(self, max_context: Optional[int] = None):
         """One KSACache per layer. Layers whose window covers max_context
