@@ -141,9 +141,9 @@ def _summary_queries(q_sum, k_text, v_text, k_sum, v_sum, layout, t0, text_base,
     """Each completed chunk's summaries over [its summaries | its text], chunks as batch."""
     k, S = layout.chunk, layout.summaries
     B, H, mS, D = q_sum.shape
-    m = mS // S
-    if m == 0:
+    if mS == 0:  # no completed chunk, or S = 0 (the no-summary baseline)
         return q_sum
+    m = mS // S
     c0 = t0 // k
 
     def per_chunk(x, start, width):

@@ -22,16 +22,19 @@ SUMMARY_POSITION_TYPES = ("last_chunk_slice_right", "last_chunk_slice_left", "ze
 @dataclass(frozen=True)
 class Layout:
     chunk: int  # k = summary_chunk_size
-    summaries: int = 1  # S = summary_token_num
+    # S = summary_token_num. S = 0 is the no-summary baseline, not a KSA
+    # layout: text sees its sliding chunk window only (band_start(t) .. t).
+    summaries: int = 1
     text_positions_type: str = "origin"
     summary_positions_type: str = "last_chunk_slice_right"
 
     def __post_init__(self):
-        for name in ("chunk", "summaries"):
+        for name, least in (("chunk", 1), ("summaries", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 key = "summary_chunk_size" if name == "chunk" else "summary_token_num"
-                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+                kind = "positive" if least else "non-negative"
+                raise ValueError(f"{key} must be a {kind} integer, got {v!r}")
         if self.summaries > self.chunk:
             raise ValueError(
                 f"summary_token_num ({self.summaries}) larger than summary_chunk_size "
@@ -67,6 +70,8 @@ class Layout:
     def summary_positions(self, c0, m):
         """Positions of the summaries of chunks c0 .. c0 + m - 1, chunk-major."""
         k, S = self.chunk, self.summaries
+        if S == 0:
+            return np.zeros(0, np.int64)
         c = np.arange(c0, c0 + m, dtype=np.int64)[:, None]
         j = np.arange(S, dtype=np.int64)[None, :]
         if self.summary_positions_type == "zeros":

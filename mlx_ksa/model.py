@@ -45,6 +45,9 @@ class ModelArgs(BaseModelArgs):
     attention_bias: bool = False
     hidden_act: str = "silu"
     use_summary_attention: bool = True
+    # 0 is allowed as the "sliding chunks only" baseline: no summary tokens,
+    # text sees its own chunk and the W chunks before it, nothing older. That
+    # is not a KSA model; it exists to compare KSA against at equal windows.
     summary_token_num: int = 1
     summary_chunk_position_ids_type: str = "origin"
     summary_token_position_ids_type: str = "last_chunk_slice_right"
@@ -223,7 +226,7 @@ class KSAModel(nn.Module):
         B, n = h.shape[:2]
         t0 = cache[0].offset if cache is not None else 0
         c0, m = layout.completed_chunks(t0, n)
-        if m:
+        if m and layout.summaries:
             summaries = mx.tile(self.summary_embedding.astype(h.dtype), (m, 1))
             h = mx.concatenate([h, mx.broadcast_to(summaries, (B, *summaries.shape))], axis=1)
         positions = np.concatenate([layout.text_positions(t0, n), layout.summary_positions(c0, m)])
