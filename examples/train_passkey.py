@@ -305,8 +305,8 @@ def kv_used_bytes(cfg, n_tokens, dtype_bytes):
     return slots * per_slot
 
 
-def evaluate(name, model, tokenizer, cfg, a, lengths, depths, window_tokens, reach_tokens):
-    per_depth = max(1, math.ceil(a.eval_trials / len(depths)))
+def evaluate(name, model, tokenizer, cfg, a, lengths, depths, window_tokens, reach_tokens, trials=None):
+    per_depth = max(1, math.ceil((trials or a.eval_trials) / len(depths)))
     t0 = time.perf_counter()
     rows = ksa_eval.run_task(model, tokenizer, "passkey", lengths, depths, per_depth, seed=a.eval_seed,
                              max_tokens=a.eval_max_tokens)
@@ -386,7 +386,7 @@ Made by:
 def table_md(report, lengths, window_tokens):
     m = report["models"]
     q = "ksa_quantized" in m
-    head = ("| context (nominal tokens) | prompt tokens (mean) | x largest window | KSA | " + ("KSA quantized | " if q else "")
+    head = ("| context (nominal tokens) | prompt tokens (mean) | x largest window | KSA | " + (f"KSA quantized, re-loaded ({m['ksa_quantized']['eval']['trials_per_length']} trials) | " if q else "")
             + "baseline (no summaries) | KSA, needle beyond window | baseline, needle beyond window "
             "| KSA KV bytes, used (allocated) | baseline KV bytes, used (allocated) | full attention KV bytes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -458,7 +458,7 @@ def parse_args(argv):
     # training
     p.add_argument("--seq-len", type=int, default=1088)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: 5%% of the steps)")
     p.add_argument("--calibration-steps", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=100_000)
@@ -469,6 +469,8 @@ def parse_args(argv):
                    help="context lengths as multiples of the largest window")
     p.add_argument("--eval-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--eval-trials", type=int, default=100, help="trials per length (over the depths)")
+    p.add_argument("--q-eval-trials", type=int, default=50,
+                   help="trials per length for the re-loaded quantized model (0: skip)")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-max-tokens", type=int, default=8)
     p.add_argument("--q-bits", type=int, default=8, choices=[0, 4, 8], help="0: no quantization")
@@ -604,12 +606,12 @@ def main(argv=None):
     save_pretrained(out / "ksa", ksa_model, ksa_save_cfg, tokenizer)
     for name in ("ksa", "baseline"):
         (out / name / "sentencepiece.model").write_bytes(sp_proto)
-    if a.q_bits:
+    if a.q_bits and a.q_eval_trials:
         loaded, loaded_tok = ksa_load(out / "ksa")
         report["models"]["ksa_quantized"] = {
             "quantization": ksa_save_cfg.get("quantization"),
             "eval": evaluate("ksa_quantized", loaded, loaded_tok, ksa_cfg, a, lengths, a.eval_depths,
-                             window_tokens, reach_tokens)}
+                             window_tokens, reach_tokens, trials=a.q_eval_trials)}
     report["models"]["ksa"]["weights"] = quant
     report["wall_seconds"] = time.perf_counter() - t_start
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--steps", "4", "--hidden", "64", "--layers", "4", "--ffn", "128", "--heads", "1",
        "--kv-heads", "1", "--head-dim", "64", "--seq-len", "256", "--chunk", "4",
        "--windows", "[2]*3+[4]", "--eval-multiples", "8", "16", "--eval-depths", "0", "1",
-       "--eval-trials", "4", "--vocab", "384", "--text-mb", "0.3", "--batch-size", "2",
+       "--eval-trials", "4", "--q-eval-trials", "2", "--vocab", "384", "--text-mb", "0.3", "--batch-size", "2",
        "--passkey-templates", "16", "--tokenizer-lines", "5000", "--report-every", "2"]
 
 
