@@ -138,6 +138,9 @@ def parse_windows(value, num_layers):
             f"summary_sliding_chunk_num must be an int, a list or a pattern string, got {value!r}"
         )
     if isinstance(value, int):
+        # A config could ask for 10**9 layers; the same bound as a pattern's lists.
+        if num_layers > MAX_LIST_LEN:
+            raise PatternError(f"num_hidden_layers {num_layers} is more than {MAX_LIST_LEN}")
         value = [value] * num_layers
     if len(value) != num_layers:
         raise PatternError(
