@@ -25,11 +25,16 @@ index, whatever calls brought it, so trimming and re-feeding tokens restores
 the buffer bit for bit. Completing a chunk costs O(k) copies, done at the
 start of the next call so the step that reads the buffer never also writes
 it (MLX would otherwise copy the whole buffer to keep the read consistent).
+
+Each token is stored once, when it arrives; later it only moves slot to
+slot. That lets `QuantizedKSACache` keep the same layout quantized
+(`to_quantized`, mlx-lm's --kv-bits) without ever re-quantizing a token.
 """
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
 import numpy as np
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import _BaseCache
 
 from . import visibility
@@ -61,8 +66,11 @@ class KSACache(_BaseCache):
     def _sum0(self):
         return self._ring0 + self.ring_chunks * self.chunk
 
+    def _slots(self):
+        return self._parts(self.keys)[0].shape[2]
+
     def _summary_slots(self):
-        return self.keys.shape[2] - self._sum0 - self.chunk
+        return self._slots() - self._sum0 - self.chunk
 
     def _chunk_slots(self):
         """Slots of tokens 0..k-1 of the chunk being filled."""
@@ -73,7 +81,7 @@ class KSACache(_BaseCache):
 
     @property
     def _spare0(self):
-        return self.keys.shape[2] - self.chunk
+        return self._slots() - self.chunk
 
     def _spare_slots(self):
         return self._spare0 + np.arange(self.chunk)
@@ -88,9 +96,29 @@ class KSACache(_BaseCache):
                 "summaries; make the cache with a larger max_context"
             )
 
-    def _reserve(self, like, ring_chunks, summary_slots):
-        """Allocates or grows the buffers, keeping what they hold."""
-        B, H, _, D = like.shape
+    # -- storage ---------------------------------------------------------
+    # KSACache keeps each buffer as one array; QuantizedKSACache as the parts
+    # mx.quantize gives. Every part is laid out by slot on axis 2, so the
+    # code below slices, grows and copies the parts alike.
+    def _parts(self, buf):
+        return (buf,)
+
+    def _join(self, parts):
+        return parts[0]
+
+    def _encode(self, x):
+        """The parts that store the dense keys or values x."""
+        return (x,)
+
+    def _decode(self, parts):
+        return parts[0]
+
+    def _read(self, buf, index):
+        """Dense keys or values of buf at slot index (a slice)."""
+        return self._decode(tuple(x[:, :, index] for x in self._parts(buf)))
+
+    def _reserve(self, ring_chunks, summary_slots, like=None):
+        """Allocates (like: the first keys) or grows the buffers, keeping what they hold."""
         ring_chunks = min(self.window, ring_chunks)
         if not self.keep_summaries:
             summary_slots = 0
@@ -103,45 +131,50 @@ class KSACache(_BaseCache):
         grow_ring = max(1, step // k)
         ring_chunks = min(self.window, -(-ring_chunks // grow_ring) * grow_ring)
         summary_slots = -(-summary_slots // step) * step
+        kept = self.flushed * self.summaries if self.keep_summaries else 0
 
-        def grown(old):
-            zeros = lambda n: mx.zeros((B, H, n, D), like.dtype)
-            ring = zeros((ring_chunks - self.ring_chunks) * k)
-            if old is None:
-                return mx.concatenate([zeros(self._ring0), ring, zeros(summary_slots + k)], 2)
-            kept = self.flushed * self.summaries if self.keep_summaries else 0
+        def grown(x):
+            zeros = lambda n: mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype)
             return mx.concatenate([
-                old[:, :, : self._sum0], ring, old[:, :, self._sum0 : self._sum0 + kept],
-                zeros(summary_slots - kept), old[:, :, -k:],
+                x[:, :, : self._sum0], zeros((ring_chunks - self.ring_chunks) * k),
+                x[:, :, self._sum0 : self._sum0 + kept], zeros(summary_slots - kept), x[:, :, -k:],
             ], 2)
 
-        self.keys, self.values = grown(self.keys), grown(self.values)
+        if self.keys is None:
+            # [scratch | chunk | spare], which `grown` puts the rest between.
+            B, H, _, D = like.shape
+            self.keys = self.values = self._join(self._encode(mx.zeros((B, H, self._ring0 + k, D), like.dtype)))
+        self.keys, self.values = (
+            self._join(tuple(grown(x) for x in self._parts(buf))) for buf in (self.keys, self.values)
+        )
         self.ring_chunks = ring_chunks
 
     def _move(self, src, dst):
         """Copies slots src to slots dst (lists of index arrays), reading all first."""
-        src, dst = np.concatenate(src), np.concatenate(dst)
-        if src.size:
-            # Sources and destinations overlap (the ring slot whose chunk
-            # goes to the spare takes the new chunk): gather all, then scatter.
-            src, dst = mx.array(src), mx.array(dst)
-            self.keys[:, :, dst] = self.keys[:, :, src]
-            self.values[:, :, dst] = self.values[:, :, src]
+        if not sum(map(len, src)):
+            return
+        # Sources and destinations overlap (the ring slot whose chunk goes to
+        # the spare takes the new chunk): gather all, then scatter. Slots
+        # move as stored, so a quantized cache never quantizes twice.
+        src, dst = (mx.array(np.concatenate(x).astype(np.int32)) for x in (src, dst))
+        for x in self._parts(self.keys) + self._parts(self.values):
+            x[:, :, dst] = x[:, :, src]
 
     def _write(self, a, keys, values):
-        self.keys[:, :, a : a + keys.shape[2]] = keys
-        self.values[:, :, a : a + keys.shape[2]] = values
+        """Stores new dense keys and values at slots a, a+1, ..."""
+        for buf, new in ((self.keys, keys), (self.values, values)):
+            for x, part in zip(self._parts(buf), self._encode(new)):
+                x[:, :, a : a + new.shape[2]] = part
 
-    def _write_ring(self, first_chunk, keys, values):
-        """Writes whole chunks first_chunk.. (at most W of them) into their slots."""
-        k, W = self.chunk, self.window
-        n = keys.shape[2] // k
-        slot = first_chunk % W if W else 0
-        run = min(n, W - slot)
-        for src, dst, m in ((0, slot, run), (run, 0, n - run)):
-            if m:
-                s = slice(src * k, (src + m) * k)
-                self._write(self._ring0 + dst * k, keys[:, :, s], values[:, :, s])
+    def _write_ring(self, t, keys, values):
+        """Writes the text of tokens t, t+1, ... (at most W chunks) into the ring,
+        where token i sits at i mod W*k."""
+        size = self.window * self.chunk
+        a, n = t % size, keys.shape[2]
+        head = min(n, size - a)
+        self._write(self._ring0 + a, keys[:, :, :head], values[:, :, :head])
+        if n > head:
+            self._write(self._ring0, keys[:, :, head:], values[:, :, head:])
 
     def _write_summaries(self, first_chunk, keys, values):
         if self.keep_summaries and keys.shape[2]:
@@ -153,7 +186,7 @@ class KSACache(_BaseCache):
         if c == self.offset // self.chunk:
             return
         S, W = self.summaries, self.window
-        self._reserve(self.keys, c + 1, (c + 1) * S)
+        self._reserve(c + 1, (c + 1) * S)
         src, dst = [], []
         if c >= W:  # chunk c - W leaves the window: keep its text in the spare
             src.append(self._ring_slots(c) if W else self._chunk_slots())
@@ -181,44 +214,63 @@ class KSACache(_BaseCache):
         if n_new:
             self._check_reach(self.offset + n_new - 1)
         if self.keys is None:
-            self._reserve(like, 0, 0)
+            self._reserve(0, 0, like)
         self._flush()
         k, S, W = self.chunk, self.summaries, self.window
         c, f = divmod(self.offset, k)
         n_ring = min(c, W)
         first = (c - n_ring) % W if W else 0
         runs = [(first, min(n_ring, W - first)), (0, n_ring - min(n_ring, W - first))]
-        ring = [(self._ring0 + s * k, self._ring0 + (s + m) * k) for s, m in runs if m]
-        filled = slice(self._ring0 - 1, self._ring0 - 1 - f, -1)
-        n_sum = c * S if self.keep_summaries else 0
+        text = [slice(self._ring0 + s * k, self._ring0 + (s + m) * k) for s, m in runs if m]
+        text.append(slice(self._ring0 - 1, self._ring0 - 1 - f, -1))
+        summaries = slice(self._sum0, self._sum0 + (c * S if self.keep_summaries else 0))
         return (
-            [self.keys[:, :, a:b] for a, b in ring] + [self.keys[:, :, filled]],
-            [self.values[:, :, a:b] for a, b in ring] + [self.values[:, :, filled]],
+            [self._read(self.keys, i) for i in text],
+            [self._read(self.values, i) for i in text],
             (c - n_ring) * k,
-            [self.keys[:, :, self._sum0 : self._sum0 + n_sum]],
-            [self.values[:, :, self._sum0 : self._sum0 + n_sum]],
+            [self._read(self.keys, summaries)],
+            [self._read(self.values, summaries)],
         )
 
     def commit(self, text_keys, text_values, text_base, new_sum_keys, new_sum_values):
-        """Stores a block's new tokens; the text streams are context() + new text."""
+        """Stores a block's new tokens; the text streams are context() + new text.
+
+        Only the new tokens are written; cached ones that change region (the
+        filled part of a chunk the block completes, a chunk going to the
+        spare) are moved slot to slot.
+        """
         k, S, W = self.chunk, self.summaries, self.window
         t0 = self.offset
         t1 = text_base + text_keys.shape[2]
         c0, c1 = t0 // k, t1 // k
-        self._reserve(text_keys, c1, c1 * S)
-        first = max(c0, c1 - W)
-        if c1 > first:
-            a, b = first * k - text_base, c1 * k - text_base
-            self._write_ring(first, text_keys[:, :, a:b], text_values[:, :, a:b])
-        if c1 > c0 and c1 - 1 - W >= 0:
-            # The text of chunk c1-1-W, which the last completion pushed out
-            # of the window, is within the block (text_base <= its start).
-            a = (c1 - 1 - W) * k - text_base
-            self._write(self._spare0, text_keys[:, :, a : a + k], text_values[:, :, a : a + k])
-        f = t1 - c1 * k
-        if f:
-            a = t1 - f - text_base
-            self._write(self._ring0 - f, text_keys[:, :, a:][:, :, ::-1], text_values[:, :, a:][:, :, ::-1])
+        self._reserve(c1, c1 * S, text_keys)
+        new_keys, new_values = text_keys[:, :, t0 - text_base :], text_values[:, :, t0 - text_base :]
+        new = lambda a, b: (new_keys[:, :, a - t0 : b - t0], new_values[:, :, a - t0 : b - t0])
+        spare = c1 - 1 - W  # the chunk this block pushes out of the window last
+        if c1 > c0:
+            filled = self._chunk_slots()[: t0 - c0 * k]
+            src, dst = [], []
+            if c0 >= c1 - W:
+                src.append(filled)
+                dst.append(self._ring_slots(c0)[: len(filled)])
+            if 0 <= spare < c0:
+                src.append(self._ring_slots(spare))
+                dst.append(self._spare_slots())
+            elif spare == c0:
+                src.append(filled)
+                dst.append(self._spare_slots()[: len(filled)])
+            self._move(src, dst)
+            if W:
+                a = max(t0, (c1 - W) * k)
+                self._write_ring(a, *new(a, c1 * k))
+            if spare >= c0:
+                a = max(t0, spare * k)
+                self._write(self._spare0 + a - spare * k, *new(a, (spare + 1) * k))
+        # The chunk being filled, right to left.
+        a = max(t0, c1 * k)
+        if t1 > a:
+            keys, values = new(a, t1)
+            self._write(self._ring0 - (t1 - c1 * k), keys[:, :, ::-1], values[:, :, ::-1])
         self._write_summaries(c0, new_sum_keys, new_sum_values)
         self.offset, self.flushed = t1, c1
         self.reopenable = self.reopenable or c1 > c0
@@ -248,7 +300,7 @@ class KSACache(_BaseCache):
         t = self.offset
         self._check_reach(t)
         if self.keys is None:
-            self._reserve(keys, 0, 0)
+            self._reserve(0, 0, keys)
         self._flush()
         k, S, W = self.chunk, self.summaries, self.window
         c, f = divmod(t, k)
@@ -324,7 +376,81 @@ class KSACache(_BaseCache):
 
     @property
     def nbytes(self):
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        if self.keys is None:
+            return 0
+        return sum(x.nbytes for x in self._parts(self.keys) + self._parts(self.values))
+
+    def to_quantized(self, group_size=64, bits=4):
+        """This cache with its buffers quantized (mlx-lm's --kv-bits)."""
+        q = QuantizedKSACache(self.chunk, self.summaries, self.window, self.keep_summaries,
+                              group_size=group_size, bits=bits)
+        q.offset, q.flushed, q.ring_chunks, q.reopenable = (
+            self.offset, self.flushed, self.ring_chunks, self.reopenable)
+        if self.keys is not None:
+            q.keys, q.values = q._encode(self.keys), q._encode(self.values)
+        return q
+
+
+class QuantizedKSACache(KSACache):
+    """KSACache with K/V stored by mx.quantize along the head dimension.
+
+    Same layout and protocol. Blocks of new tokens attend over dequantized
+    slices; a decode step attends with quantized matmuls over the buffer
+    (mlx-lm's quantized SDPA). Tokens are quantized once, when stored.
+    """
+
+    def __init__(self, chunk, summaries, window, keep_summaries=True, group_size=64, bits=4):
+        super().__init__(chunk, summaries, window, keep_summaries)
+        self.group_size, self.bits = group_size, bits
+
+    def _parts(self, buf):
+        return buf
+
+    def _join(self, parts):
+        return tuple(parts)
+
+    def _encode(self, x):
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"head_dim {x.shape[-1]} is not a multiple of the KV group size {self.group_size}")
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _decode(self, parts):
+        packed, scales, _ = parts
+        if packed.shape[2] == 0:  # mx.dequantize cannot take an empty slice
+            return mx.zeros((*packed.shape[:3], packed.shape[3] * 32 // self.bits), scales.dtype)
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+    def decode(self, q, keys, values, scale):
+        start, end, sum_end = self.store_decode(keys, values)
+
+        def attend(rows, a, b, mask=None):
+            kv = [tuple(x[:, :, a:b] for x in buf) for buf in (self.keys, self.values)]
+            return quantized_scaled_dot_product_attention(
+                q[:, :, rows], *kv, scale=scale, mask=mask, group_size=self.group_size, bits=self.bits)
+
+        out = attend(slice(0, 1), start, end)
+        S = q.shape[2] - 1
+        if S:  # as decode_reference
+            mask = mx.array(visibility.summary_mask(sum_end - S, S))
+            out = mx.concatenate([out, attend(slice(1, None), 0, sum_end, mask)], axis=2)
+        return out
+
+    def to_quantized(self, group_size=64, bits=4):
+        # mlx-lm asks again at every step once the cache qualifies.
+        if (group_size, bits) != (self.group_size, self.bits):
+            raise ValueError(f"cache already quantized with group size {self.group_size}, {self.bits} bits")
+        return self
+
+    @property
+    def state(self):
+        return super().state + (self.group_size, self.bits)
+
+    @state.setter
+    def state(self, v):
+        KSACache.state.fset(self, v[:-2])
+        self.group_size, self.bits = v[-2:]
+        if self.keys is not None:  # a loaded cache has lists
+            self.keys, self.values = tuple(self.keys), tuple(self.values)
 
 
 def decode_reference(q, keys, values, start, end, sum_end, scale):
@@ -346,3 +472,4 @@ def decode_reference(q, keys, values, start, end, sum_end, scale):
 
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.
 mlx_lm_cache.KSACache = KSACache
+mlx_lm_cache.QuantizedKSACache = QuantizedKSACache
