@@ -380,6 +380,11 @@ class KSACache(_BaseCache):
             return 0
         return sum(x.nbytes for x in self._parts(self.keys) + self._parts(self.values))
 
+    @classmethod
+    def merge(cls, caches):
+        """mlx-lm's batching: one batch cache of these sequences' caches."""
+        return BatchKSACache(caches)
+
     def to_quantized(self, group_size=64, bits=4):
         """This cache with its buffers quantized (mlx-lm's --kv-bits)."""
         q = QuantizedKSACache(self.chunk, self.summaries, self.window, self.keep_summaries,
@@ -451,6 +456,71 @@ class QuantizedKSACache(KSACache):
         self.group_size, self.bits = v[-2:]
         if self.keys is not None:  # a loaded cache has lists
             self.keys, self.values = tuple(self.keys), tuple(self.values)
+
+
+class BatchKSACache(_BaseCache):
+    """mlx-lm's batch protocol (merge, prepare, finalize, filter, extend,
+    extract) over one KSACache per sequence.
+
+    Sequences of a batch sit at different chunk phases: they complete chunks,
+    and so gain summary tokens, at different steps. `Model` runs each row
+    through its own caches, which computes exactly what the sequence would
+    alone; the rows are not fused into one batched attention yet.
+    """
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+        self.spans = None  # (first, end) input columns of each row's real tokens
+        self.column = 0  # input columns consumed since `prepare`
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        """The next calls carry padded prompts (left or right padded)."""
+        if left_padding is not None and max(left_padding) > 0:
+            self.spans = [(p, None) for p in left_padding]
+        elif right_padding is not None and max(right_padding) > 0:
+            self.spans = [(0, n) for n in lengths]
+        self.column = 0
+
+    def finalize(self):
+        self.spans = None
+
+    def take(self, L):
+        """(first, count) of each row's real tokens among the next L input columns."""
+        a, self.column = self.column, self.column + L
+        if self.spans is None:
+            return [(0, L)] * len(self.rows)
+        out = []
+        for first, end in self.spans:
+            lo, hi = max(a, first), a + L if end is None else min(a + L, end)
+            out.append((lo - a, max(0, hi - lo)))
+        return out
+
+    def filter(self, batch_indices):
+        self.rows = [self.rows[i] for i in batch_indices]
+        if self.spans is not None:
+            self.spans = [self.spans[i] for i in batch_indices]
+
+    def extend(self, other):
+        if (self.spans, other.spans) != (None, None):
+            raise ValueError("cannot extend a batch in the middle of a padded prompt")
+        self.rows += other.rows
+
+    def extract(self, idx):
+        return self.rows[idx]
+
+    @property
+    def state(self):
+        return [c.state for c in self.rows]
+
+    def size(self):
+        return max((c.offset for c in self.rows), default=0)
+
+    def empty(self):
+        return all(c.empty() for c in self.rows)
+
+    @property
+    def nbytes(self):
+        return sum(c.nbytes for c in self.rows)
 
 
 def decode_reference(q, keys, values, start, end, sum_end, scale):

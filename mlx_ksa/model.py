@@ -18,7 +18,7 @@ from mlx_lm.models.base import BaseModelArgs
 
 from . import visibility
 from .attention import ksa_attention
-from .cache import KSACache
+from .cache import BatchKSACache, KSACache
 from .layout import Layout, apply_rope, rope_cos_sin
 from .pattern import parse_windows
 
@@ -247,10 +247,27 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.text_vocab, bias=False)
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
+        if cache is not None and isinstance(cache[0], BatchKSACache):
+            return self._rows(inputs, cache, input_embeddings)
         h = self.model(inputs, cache, input_embeddings)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)[..., : self.args.text_vocab]
         return self.lm_head(h)
+
+    def _rows(self, inputs, cache, input_embeddings):
+        """A batch under mlx-lm's batching: each row, at its own chunk phase,
+        runs its real tokens through its own caches; padding gets zero logits."""
+        L = inputs.shape[1]
+        spans = [c.take(L) for c in cache][0]
+        out = []
+        for b, (a, n) in enumerate(spans):
+            logits = mx.zeros((1, L, self.args.text_vocab))
+            if n:
+                embeddings = None if input_embeddings is None else input_embeddings[b : b + 1, a : a + n]
+                row = self(inputs[b : b + 1, a : a + n], [c.rows[b] for c in cache], embeddings)
+                logits = mx.pad(row, [(0, 0), (a, L - a - n), (0, 0)])
+            out.append(logits)
+        return mx.concatenate(out, axis=0)
 
     @property
     def layers(self):
