@@ -1,0 +1,403 @@
+"""Generate text with a KSA model: `mlx_lm.generate` for Kwai Summary Attention.
+
+    python -m mlx_ksa.generate --prompt "def fibonacci(n):"
+    python -m mlx_ksa.generate --model DIR_OR_REPO --prompt - < question.txt
+    python -m mlx_ksa.generate --model M --prompt "$(cat doc.txt)" --save-prompt-cache doc.safetensors
+    python -m mlx_ksa.generate --prompt-cache-file doc.safetensors --prompt "Who wrote it?"
+
+With no --model it runs the small model shipped in mlx_ksa/default_model. A
+model is a local directory or a Hugging Face repo id; an original PyTorch
+checkpoint of a KSA model is converted once with `mlx_ksa.convert` into a
+cache directory (MLX_KSA_CACHE, default ~/.cache/mlx_ksa). Sampling, prompt
+caches and streaming are mlx-lm's own (`make_sampler`, `stream_generate`,
+`load_prompt_cache`); what this module adds is loading KSA models, the KV
+cache statistics against a dense model of the same shape, and a progress bar
+for long prefills.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate, str2bool
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from .utils import load  # importing mlx_ksa registers KSACache for load_prompt_cache
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_PREFILL_STEP_SIZE = 2048
+SUMMARY_KEYS = ("summary_chunk_size", "summary_token_begin", "summary_sliding_chunk_num")
+
+
+# -- models -------------------------------------------------------------------
+def cache_home():
+    return Path(os.environ.get("MLX_KSA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "mlx_ksa").expanduser()
+
+
+def _safetensors_names(file):
+    """Tensor names from a safetensors header, without reading the weights."""
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(min(n, 1 << 26)))
+
+
+def needs_conversion(path):
+    """Whether `path` holds a KSA checkpoint that mlx_ksa.load cannot read as
+    is: PyTorch pickles only, or safetensors with Muse training names."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # not a KSA checkpoint: let load() say what is wrong
+    if not isinstance(config, dict) or not any(k in config for k in SUMMARY_KEYS):
+        return False
+    shards = sorted(path.glob("model*.safetensors"))
+    if not shards:
+        return any(True for p in ("*.bin", "*.pt", "*.pth") for _ in path.glob(p))
+    try:
+        names = _safetensors_names(shards[0])
+    except (OSError, ValueError, struct.error):
+        return False
+    return "summary_embedding.weight" in names or "model.tok_embeddings.weight" in names
+
+
+def _converted(src, source_name):
+    """An mlx-ksa copy of the checkpoint at `src`, converted once and kept."""
+    from .convert import convert
+
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    key = hashlib.sha256(str(src.resolve()).encode())
+    for p in files:
+        st = p.stat()
+        key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    dst = cache_home() / "converted" / f"{src.resolve().name}-{key.hexdigest()[:16]}"
+    if (dst / "config.json").is_file():
+        return dst
+    print(f"[INFO] Converting {source_name} to MLX in {dst} (once)", file=sys.stderr)
+    # convert() reports on stdout, which carries the generated text here.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            convert(source_name, dst)
+        except ValueError:
+            if not (dst / "config.json").is_file():  # another process may have won the race
+                raise
+    return dst
+
+
+def resolve_model(spec=None, revision=None):
+    """The directory mlx_ksa.load reads for --model `spec`: the default model
+    for None, a local directory, a hub download, or a converted copy."""
+    if spec is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise ValueError(f"the default model is missing from the package ({DEFAULT_MODEL}): pass --model")
+        return DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {spec} is not a directory")
+        return _converted(path, str(path)) if needs_conversion(path) else path
+    from .convert import REPO_ID
+
+    if not REPO_ID.fullmatch(str(spec)) or str(spec).startswith("."):
+        raise ValueError(f"model {spec} does not exist (and is not a Hugging Face repo id)")
+    from mlx_lm.utils import _download
+
+    try:
+        path = _download(str(spec), revision=revision)
+    except Exception as e:  # hub errors come in many classes; one line is what matters
+        raise ValueError(f"cannot fetch model {spec} from the Hugging Face hub ({type(e).__name__})") from None
+    return _converted(path, str(spec)) if needs_conversion(path) else path
+
+
+def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None):
+    """(model, tokenizer, directory) for --model `spec` (see resolve_model)."""
+    path = resolve_model(spec)
+    try:
+        model, tokenizer = load(str(path), tokenizer_config=tokenizer_config, adapter_path=adapter_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot load model {spec or path}: {e}") from None
+    return model, tokenizer, path
+
+
+# -- KV cache statistics --------------------------------------------------------
+def kv_cache_stats(model, cache):
+    """(text tokens, bytes the KSA cache holds, bytes a dense KV cache of the
+    same model shape and dtype would hold for those tokens)."""
+    args = model.args
+    tokens = cache[0].offset if cache else 0
+    nbytes = sum(c.nbytes for c in cache)
+    keys = next((c.keys for c in cache if getattr(c, "keys", None) is not None), None)
+    itemsize = keys.dtype.size if keys is not None else 2
+    batch = keys.shape[0] if keys is not None else 1
+    dense = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * tokens * itemsize * batch
+    return tokens, nbytes, dense
+
+
+def format_kv_stats(model, cache):
+    tokens, ksa, dense = kv_cache_stats(model, cache)
+    ratio = f" ({dense / ksa:.2f}x the KSA cache)" if ksa else ""
+    # nbytes is what the buffers hold, growth steps included: short contexts
+    # pay for the fixed window first, long ones gain ~k/S on most layers.
+    return (f"KV cache: {ksa / 1e6:.3f} MB for {tokens} tokens; "
+            f"a dense model of this shape: {dense / 1e6:.3f} MB{ratio}")
+
+
+# -- progress ------------------------------------------------------------------
+class PrefillProgress:
+    """A one-line prefill progress bar on stderr, drawn only when stderr is a
+    terminal and the prompt needs more than one prefill step."""
+
+    def __init__(self, step_size, enabled=True, width=30):
+        self.step_size, self.width = step_size, width
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start, self.drawn = None, False
+
+    def __call__(self, done, total):
+        if not self.enabled or total <= self.step_size:
+            return
+        if self.start is None:
+            self.start = time.perf_counter()
+        if done >= total:
+            if self.drawn:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+                self.drawn = False
+            return
+        fill = self.width * done // max(total, 1)
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\rPrefill [{'#' * fill}{'.' * (self.width - fill)}] "
+                         f"{done}/{total} tokens, {rate:.0f} tok/s\033[K")
+        sys.stderr.flush()
+        self.drawn = True
+
+
+# -- prompt caches ----------------------------------------------------------------
+def load_ksa_prompt_cache(file, model):
+    """(cache, metadata) from a prompt-cache file made for `model`."""
+    if not Path(file).is_file():
+        raise ValueError(f"prompt cache file {file} does not exist")
+    try:
+        cache, metadata = load_prompt_cache(str(file), return_metadata=True)
+    except Exception as e:  # mx.load and the unflattening raise many kinds on a corrupt file
+        raise ValueError(f"prompt cache file {file} is unreadable or corrupt ({type(e).__name__})") from None
+    expected = model.make_cache()
+    shape = lambda c: (type(c).__name__, getattr(c, "chunk", None), getattr(c, "summaries", None),
+                       getattr(c, "window", None))
+    if len(cache) != len(expected) or any(shape(a) != shape(b) for a, b in zip(cache, expected)):
+        raise ValueError(f"prompt cache file {file} was not made for this model (layers or KSA windows differ)")
+    return cache, metadata
+
+
+def _apply_template(tokenizer, messages, prefix_cached, save, template_kwargs):
+    """The chat-templated prompt, as mlx_lm.generate / mlx_lm.cache_prompt build it."""
+    if save:  # what mlx_lm.cache_prompt stores: the open user turn
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             continue_final_message=True, **template_kwargs)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           **template_kwargs)
+    if prefix_cached:
+        # The cache holds everything up to the user's text: keep what follows it.
+        messages[-1]["content"] = "<query>"
+        probe = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              **template_kwargs)
+        prompt = prompt[probe.index("<query>"):]
+    return prompt
+
+
+# -- command line -----------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, no usage dump
+        self.exit(2, f"error: {message}\n")
+
+
+def _positive(kind):
+    def parse(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def _json_object(s):
+    v = json.loads(s)
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s}")
+    return v
+
+
+_json_object.__name__ = "JSON object"
+
+
+def setup_arg_parser():
+    p = _Parser(prog="python -m mlx_ksa.generate", description="Generate text with a KSA model.")
+    p.add_argument("--model", help="local model directory or Hugging Face repo id; an original PyTorch KSA "
+                   "checkpoint is converted once. Default: the small model shipped in mlx_ksa/default_model")
+    p.add_argument("--adapter-path", help="LoRA adapters from `python -m mlx_ksa.train finetune`")
+    p.add_argument("--prompt", "-p", default=None,
+                   help=f"the prompt ('-' reads stdin; default {DEFAULT_PROMPT!r})")
+    p.add_argument("--system-prompt", help="system prompt for the chat template")
+    p.add_argument("--prefill-response", help="start of the response, continued by the model")
+    p.add_argument("--max-tokens", "-m", type=_positive(int), default=DEFAULT_MAX_TOKENS,
+                   help=f"maximum tokens to generate (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--min-tokens-to-keep", type=_positive(int), default=1, help="tokens min-p always keeps")
+    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt, no chat template")
+    p.add_argument("--chat-template-config", type=_json_object, default={},
+                   help="JSON object of extra arguments for apply_chat_template")
+    p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
+    p.add_argument("--prompt-cache-file", help="a prompt cache saved with --save-prompt-cache: the prompt "
+                   "continues what it holds")
+    p.add_argument("--save-prompt-cache", metavar="FILE", help="process the prompt, save its cache to FILE "
+                   "and exit (what mlx_lm.cache_prompt does)")
+    p.add_argument("--prefill-step-size", type=_positive(int), default=DEFAULT_PREFILL_STEP_SIZE,
+                   help=f"prompt tokens per prefill step (default {DEFAULT_PREFILL_STEP_SIZE})")
+    p.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=True,
+                   help="print the statistics (default true; 'false' prints the text only)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="only the generated text: no statistics, no progress bar")
+    return p
+
+
+def _check_args(a):
+    if a.temp < 0:
+        raise ValueError(f"--temp must be >= 0, got {a.temp}")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if not 0 <= a.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {a.min_p}")
+    if a.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {a.top_k}")
+    if a.prompt_cache_file and (a.save_prompt_cache or a.prefill_response is not None):
+        raise ValueError("--prompt-cache-file cannot be combined with --save-prompt-cache or --prefill-response")
+
+
+def run(a):
+    _check_args(a)
+    verbose = a.verbose and not a.quiet
+    if a.seed is not None:
+        mx.random.seed(a.seed)
+    cache, metadata = None, {}
+    model_spec = a.model
+    if a.prompt_cache_file and not Path(a.prompt_cache_file).is_file():
+        raise ValueError(f"prompt cache file {a.prompt_cache_file} does not exist")
+    if a.prompt_cache_file and model_spec is None:
+        # As mlx_lm.generate: the cache names the model it was made with.
+        try:
+            _, metadata = load_prompt_cache(a.prompt_cache_file, return_metadata=True)
+            model_spec = json.loads(metadata.get("mlx_ksa", "{}")).get("model")
+        except Exception:
+            pass  # a corrupt file is reported below, once the model is known
+    model, tokenizer, path = load_model_and_tokenizer(model_spec, a.adapter_path)
+    for token in a.extra_eos_token:
+        tokenizer.add_eos_token(token)
+    if a.prompt_cache_file:
+        cache, metadata = load_ksa_prompt_cache(a.prompt_cache_file, model)
+
+    prompt = DEFAULT_PROMPT if a.prompt is None else a.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    use_template = not a.ignore_chat_template and tokenizer.has_chat_template
+    if a.prompt_cache_file:
+        # The file records whether its prefix was templated: follow it.
+        use_template = use_template and json.loads(metadata.get("mlx_ksa", "{}")).get("chat_template", True)
+    if use_template:
+        messages = [{"role": "system", "content": a.system_prompt}] if a.system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        if a.prefill_response is not None and not a.save_prompt_cache:
+            messages.append({"role": "assistant", "content": a.prefill_response})
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True,
+                                                   **a.chat_template_config)
+        else:
+            prompt = _apply_template(tokenizer, messages, cache is not None, a.save_prompt_cache,
+                                     a.chat_template_config)
+    elif a.prefill_response is not None:
+        prompt += a.prefill_response
+    ids = tokenizer.encode(prompt, add_special_tokens=not use_template and cache is None)
+    if not ids:
+        raise ValueError("the prompt is empty")
+
+    progress = PrefillProgress(a.prefill_step_size, enabled=not a.quiet)
+    if a.save_prompt_cache:
+        return save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, verbose)
+
+    sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
+    cache = cache if cache is not None else model.make_cache()
+    if verbose:
+        print("=" * 10)
+    response, text = None, ""
+    for response in stream_generate(model, tokenizer, ids, max_tokens=a.max_tokens, sampler=sampler,
+                                    prompt_cache=cache, prefill_step_size=a.prefill_step_size,
+                                    prompt_progress_callback=progress):
+        print(response.text, end="", flush=True)
+        text += response.text
+    print()
+    if verbose:
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+        print(format_kv_stats(model, cache))
+    return text
+
+
+def save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, verbose):
+    """Prefills `ids` and writes the cache with what a later run needs to continue it."""
+    cache = model.make_cache()
+    tic = time.perf_counter()
+    # generate_step with max_tokens=0 prefills the whole prompt, as mlx_lm.cache_prompt does.
+    from mlx_lm.generate import generate_step
+
+    for _ in generate_step(mx.array(ids), model, max_tokens=0, prompt_cache=cache,
+                           prefill_step_size=a.prefill_step_size, prompt_progress_callback=progress):
+        pass
+    mx.eval([c.state[:2] for c in cache])
+    dt = time.perf_counter() - tic
+    spec = str(Path(model_spec).resolve()) if model_spec and Path(model_spec).exists() else model_spec
+    metadata = {"model": str(spec or "default"),
+                "mlx_ksa": json.dumps({"model": spec, "chat_template": use_template, "tokens": len(ids)})}
+    out = Path(a.save_prompt_cache)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--save-prompt-cache needs a .safetensors file name, got {out}")
+    try:
+        save_prompt_cache(str(out), cache, metadata)
+    except Exception as e:
+        raise ValueError(f"cannot write prompt cache {out}: {e}") from None
+    if verbose:
+        print(f"Prompt: {len(ids)} tokens, {len(ids) / dt:.3f} tokens-per-sec")
+        print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+        print(format_kv_stats(model, cache))
+        print(f"Saved {out}")
+
+
+def main(argv=None):
+    a = setup_arg_parser().parse_args(argv)
+    try:
+        run(a)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
