@@ -64,8 +64,11 @@ def test_ksa_attention_dispatches_and_differentiates():
     loss = lambda f: (lambda *xs: sum(o.astype(mx.float32).sum() for o in f(*xs, **opts)))
     g_kernel = mx.grad(loss(ksa_attention), argnums=tuple(range(6)))(*arrays)
     g_ref = mx.grad(loss(reference_attention), argnums=tuple(range(6)))(*arrays)
+    # The gradients come from the backward kernel (tests/gpu/test_prefill_backward_cuda.py
+    # checks it closely); here, that they are the reference's up to bf16 rounding.
     for g, w in zip(g_kernel, g_ref):
-        np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)), atol=1e-6)
+        g, w = np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))
+        assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
 
 
 # -- benchmark ------------------------------------------------------------
