@@ -4,17 +4,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The shared fixture beside the checkout wins (it may hold newer outputs);
-# the copy in tests/fixtures keeps a lone clone of the repository testable.
-FIXTURES = next(p for p in (ROOT.parent / "shared" / "fixtures" / "ksa_official",
-                            ROOT / "tests" / "fixtures" / "ksa_official", None)
-                if p is None or (p / "gqa_shared").is_dir())
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "ksa_official"
 # `tests.torch_reference`, `tests.metal_emu` import as a package from the repo root.
 sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
 def official_fixture():
-    if FIXTURES is None:
-        pytest.fail("official fixture missing: neither ../shared/fixtures/ksa_official nor tests/fixtures/ksa_official")
-    return FIXTURES / "gqa_shared"
+    path = FIXTURES / "gqa_shared"
+    if not path.is_dir():
+        pytest.fail(f"official fixture missing at {path} (shared/ must sit beside the checkout)")
+    return path
