@@ -32,17 +32,19 @@ def main():
     print(f"{a.model}: {len(model.layers)} layers, KSA chunk {args.layout.chunk}, "
           f"{args.layout.summaries} summary per chunk, windows (chunks) {args.windows}\n")
 
-    # 1. One call, greedy (mlx-lm's default sampler).
-    print("--- generate (greedy) ---")
-    print(a.prompt + generate(model, tokenizer, a.prompt, max_tokens=80))
+    # 1. One call. mlx-lm samples greedily unless given a sampler; the tiny
+    # default model needs temperature (greedy, it writes runs of spaces).
+    print("--- generate (temp 0.8) ---")
+    mx.random.seed(1)
+    print(a.prompt + generate(model, tokenizer, a.prompt, max_tokens=80, sampler=make_sampler(temp=0.8)))
 
-    # 2. Streaming with sampling, into a cache we keep afterwards.
-    print("\n--- stream_generate (temp 0.6, top-p 0.95) ---")
+    # 2. Streaming, into a cache we keep afterwards.
+    print("\n--- stream_generate (temp 0.9, top-p 0.95) ---")
     mx.random.seed(0)
     cache = mlx_ksa.make_prompt_cache(model)
     print(a.prompt, end="")
     for r in stream_generate(model, tokenizer, a.prompt, max_tokens=120, prompt_cache=cache,
-                             sampler=make_sampler(temp=0.6, top_p=0.95)):
+                             sampler=make_sampler(temp=0.9, top_p=0.95)):
         print(r.text, end="", flush=True)
     print(f"\n[{r.generation_tokens} tokens at {r.generation_tps:.0f} tok/s, peak memory {r.peak_memory:.3f} GB]")
 

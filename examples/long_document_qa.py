@@ -5,7 +5,7 @@ copy of that cache, so only the question's own tokens are processed. The
 statistics show the prefill rate and the cache against what a dense model of
 the same shape would hold for the same document.
 
-    python examples/long_document_qa.py                                   # default model, built-in haystack
+    python examples/long_document_qa.py --temp 0.8                        # default model, built-in haystack
     python examples/long_document_qa.py --model DIR_OR_REPO --document report.txt \\
         --question "Who signed the report?" --question "When?"
 
@@ -22,6 +22,7 @@ import time
 
 import mlx.core as mx
 from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 import mlx_ksa
 from mlx_ksa.generate import DEFAULT_MODEL, kv_cache_stats
@@ -41,6 +42,8 @@ def main():
     p.add_argument("--chars", type=int, default=6000, help="size of the built-in haystack")
     p.add_argument("--question", action="append", help="repeat for several questions")
     p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temp", type=float, default=0.0, help="0: greedy (the tiny default model then "
+                   "mostly writes spaces; try 0.8)")
     a = p.parse_args()
 
     model, tokenizer = mlx_ksa.load(a.model)
@@ -77,10 +80,12 @@ def main():
         qcache = copy.deepcopy(cache)  # the document's cache stays as it is for the next question
         q_ids = tokenizer.encode(q + suffix, add_special_tokens=False)
         tic, answer, first = time.perf_counter(), "", None
-        for r in stream_generate(model, tokenizer, mx.array(q_ids), max_tokens=a.max_tokens, prompt_cache=qcache):
+        mx.random.seed(0)
+        for r in stream_generate(model, tokenizer, mx.array(q_ids), max_tokens=a.max_tokens, prompt_cache=qcache,
+                                 sampler=make_sampler(temp=a.temp)):
             first = first or time.perf_counter() - tic
             answer += r.text
-        print(f"Q: {q}\nA: {answer.strip()}")
+        print(f"Q: {q}\nA: {answer.strip() or repr(answer)}")
         tokens, ksa, dense = kv_cache_stats(model, qcache)
         print(f"   [{len(q_ids)} question tokens prefilled, first token after {first * 1e3:.0f} ms, "
               f"{r.generation_tps:.0f} tok/s; cache {tokens:,} tokens, {ksa / 1e6:.2f} MB vs dense "

@@ -108,8 +108,8 @@ class Conversation:
 
 
 def run(a):
-    mx.random.seed(a.seed)
     model, tokenizer, path = load_model_and_tokenizer(a.model, a.adapter_path)
+    mx.random.seed(a.seed)  # after loading, which draws random initial weights
     sampler = make_sampler(a.temp, a.top_p, a.min_p, top_k=a.top_k)
     chat = Conversation(model, tokenizer, a.system_prompt)
     log = (lambda *s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

@@ -289,8 +289,6 @@ def _check_args(a):
 def run(a):
     _check_args(a)
     verbose = a.verbose and not a.quiet
-    if a.seed is not None:
-        mx.random.seed(a.seed)
     cache, metadata = None, {}
     model_spec = a.model
     if a.prompt_cache_file and not Path(a.prompt_cache_file).is_file():
@@ -336,6 +334,10 @@ def run(a):
         return save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, verbose)
 
     sampler = make_sampler(a.temp, a.top_p, a.min_p, a.min_tokens_to_keep, top_k=a.top_k)
+    # Seeded after loading (building the model draws random initial weights),
+    # so a seed gives what the Python API gives after mx.random.seed.
+    if a.seed is not None:
+        mx.random.seed(a.seed)
     cache = cache if cache is not None else model.make_cache()
     if verbose:
         print("=" * 10)

@@ -133,6 +133,7 @@ def run(host, port, model_provider, server_class=ThreadingHTTPServer, handler_cl
     httpd = server_class(address, lambda *a, **kw: handler_class(
         response_generator, *a, system_fingerprint=fingerprint, **kw))
     bound_host, bound_port = httpd.server_address[:2]
+    logging.warning("mlx_ksa.server, like mlx_lm.server, has only basic security checks: not for production")
     logging.info(f"mlx_ksa.server serving {model_provider.cli_args.model} at http://{bound_host}:{bound_port}")
     try:
         httpd.serve_forever()
