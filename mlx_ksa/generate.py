@@ -51,9 +51,10 @@ def _safetensors_names(file):
         return json.loads(f.read(min(n, 1 << 26)))
 
 
-def needs_conversion(path):
+def needs_conversion(path, hub=False):
     """Whether `path` holds a KSA checkpoint that mlx_ksa.load cannot read as
-    is: PyTorch pickles only, or safetensors with Muse training names."""
+    is: PyTorch pickles only, or safetensors with Muse training names. A hub
+    snapshot without safetensors needs it too (its pickles were not fetched)."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -62,7 +63,7 @@ def needs_conversion(path):
         return False
     shards = sorted(path.glob("model*.safetensors"))
     if not shards:
-        return any(True for p in ("*.bin", "*.pt", "*.pth") for _ in path.glob(p))
+        return hub or any(True for p in ("*.bin", "*.pt", "*.pth") for _ in path.glob(p))
     try:
         names = _safetensors_names(shards[0])
     except (OSError, ValueError, struct.error):
@@ -79,7 +80,7 @@ def _converted(src, source_name):
     for p in files:
         st = p.stat()
         key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    dst = cache_home() / "converted" / f"{src.resolve().name}-{key.hexdigest()[:16]}"
+    dst = cache_home() / "converted" / f"{Path(source_name).name}-{key.hexdigest()[:16]}"
     if (dst / "config.json").is_file():
         return dst
     print(f"[INFO] Converting {source_name} to MLX in {dst} (once)", file=sys.stderr)
@@ -105,17 +106,17 @@ def resolve_model(spec=None, revision=None):
         if not path.is_dir():
             raise ValueError(f"model {spec} is not a directory")
         return _converted(path, str(path)) if needs_conversion(path) else path
-    from .convert import REPO_ID
+    from .convert import HUB_PATTERNS, REPO_ID
 
     if not REPO_ID.fullmatch(str(spec)) or str(spec).startswith("."):
         raise ValueError(f"model {spec} does not exist (and is not a Hugging Face repo id)")
     from mlx_lm.utils import _download
 
     try:
-        path = _download(str(spec), revision=revision)
+        path = _download(str(spec), revision=revision, allow_patterns=HUB_PATTERNS)  # never *.py
     except Exception as e:  # hub errors come in many classes; one line is what matters
         raise ValueError(f"cannot fetch model {spec} from the Hugging Face hub ({type(e).__name__})") from None
-    return _converted(path, str(spec)) if needs_conversion(path) else path
+    return _converted(path, str(spec)) if needs_conversion(path, hub=True) else path
 
 
 def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None):
