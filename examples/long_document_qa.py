@@ -5,58 +5,56 @@ copy of that cache, so only the question's own tokens are processed. The
 statistics show the prefill rate and the cache against what a dense model of
 the same shape would hold for the same document.
 
-    python examples/long_document_qa.py --temp 0.8                        # default model, built-in haystack
+    python examples/long_document_qa.py                 # default model, a passkey far outside its window
     python examples/long_document_qa.py --model DIR_OR_REPO --document report.txt \\
         --question "Who signed the report?" --question "When?"
 
-With the default model (a tiny character-level model of Python code) the
-answers are not meaningful: it shows the mechanics and the numbers. A KSA
-chat model (for example a converted KSA-4B checkpoint) answers for real.
+The default model was trained on passkey prompts (`mlx_ksa.eval`'s format),
+so the built-in document is one: the key sits far behind the model's 64-token
+windows and reaches the answer only through the summaries. A KSA chat model
+(for example a converted KSA-4B checkpoint) answers questions about any text.
 """
 
 import argparse
 import copy
-import inspect
-import textwrap
 import time
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 import mlx_ksa
+from mlx_ksa import eval as ksa_eval
 from mlx_ksa.generate import DEFAULT_MODEL, kv_cache_stats
-
-
-def haystack(n_chars, needle):
-    """Python source from the standard library with one line hidden in its middle."""
-    src = "".join(inspect.getsource(m) for m in (textwrap, inspect))[:n_chars]
-    cut = src.rfind("\n", 0, len(src) // 2) + 1
-    return src[:cut] + needle + "\n" + src[cut:]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--document", help="a text file (default: a haystack of Python source with a passkey)")
-    p.add_argument("--chars", type=int, default=6000, help="size of the built-in haystack")
+    p.add_argument("--document", help="a text file (default: a passkey prompt)")
+    p.add_argument("--tokens", type=int, default=800, help="size of the built-in passkey document")
     p.add_argument("--question", action="append", help="repeat for several questions")
     p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--temp", type=float, default=0.0, help="0: greedy (the tiny default model then "
-                   "mostly writes spaces; try 0.8)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     a = p.parse_args()
 
     model, tokenizer = mlx_ksa.load(a.model)
     if a.document:
         doc = open(a.document, encoding="utf-8", errors="replace").read()
         questions = a.question or ["Summarize the document in one sentence."]
+        frame = "{doc}\n\nQuestion: <query>"
     else:
-        doc = haystack(a.chars, "PASSKEY = 73914  # remember this number")
-        questions = a.question or ["What is the value of PASSKEY?", "assert PASSKEY == "]
+        count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+        prompt, (key,) = ksa_eval.passkey(a.tokens, 0.2, np.random.default_rng(0), count)
+        doc, question = prompt.rsplit("\n", 1)
+        questions = a.question or ["\n" + question]
+        frame = "{doc}<query>"  # the prompt exactly as the model was trained on it
+        print(f"passkey {key}, {count(prompt) - count(question)} tokens before the question\n")
 
     # Split the templated conversation at the question: the part before it is
     # the same for every question, and is what the cache keeps.
-    messages = [{"role": "user", "content": f"{doc}\n\nQuestion: <query>"}]
+    messages = [{"role": "user", "content": frame.format(doc=doc)}]
     if tokenizer.has_chat_template:
         full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
@@ -85,7 +83,7 @@ def main():
                                  sampler=make_sampler(temp=a.temp)):
             first = first or time.perf_counter() - tic
             answer += r.text
-        print(f"Q: {q}\nA: {answer.strip() or repr(answer)}")
+        print(f"Q: {q.strip()}\nA: {answer.strip() or repr(answer)}")
         tokens, ksa, dense = kv_cache_stats(model, qcache)
         print(f"   [{len(q_ids)} question tokens prefilled, first token after {first * 1e3:.0f} ms, "
               f"{r.generation_tps:.0f} tok/s; cache {tokens:,} tokens, {ksa / 1e6:.2f} MB vs dense "
