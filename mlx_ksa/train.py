@@ -298,17 +298,30 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
 
 
 # -- command line -----------------------------------------------------------
+HELP = {
+    "steps": "optimizer steps", "batch_size": "sequences per step", "seq_len": "tokens per sequence",
+    "lr": "peak learning rate", "min_lr": "final learning rate", "warmup": "linear warm-up steps",
+    "schedule": "cosine, or wsd (warm-up, stable, linear decay)", "decay_fraction": "wsd: share of steps decaying",
+    "weight_decay": "AdamW weight decay", "grad_clip": "global gradient-norm clip (0: off)",
+    "grad_checkpoint": "recompute each block in the backward pass (less memory)",
+    "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "validation every N steps",
+    "val_batches": "batches per validation", "report_every": "log every N steps", "seed": "data order and init",
+}
+
+
 def _add_train_args(p, prefix=""):
+    """TrainArgs as flags; prefix "anneal" gives --anneal-steps etc. (cpt's stage 2)."""
     for f in fields(TrainArgs):
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = "--" + "-".join(filter(None, (prefix, f.name.replace("_", "-"))))
+        dest, text = "_".join(filter(None, (prefix, f.name))), HELP[f.name] + (f" ({prefix})" if prefix else "")
         if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", dest=prefix + f.name)
+            p.add_argument(flag, action="store_true", dest=dest, help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, dest=prefix + f.name)
+            p.add_argument(flag, type=type(f.default), default=f.default, dest=dest, help=text)
 
 
 def _targs(ns, prefix=""):
-    return TrainArgs(**{f.name: getattr(ns, prefix + f.name) for f in fields(TrainArgs)})
+    return TrainArgs(**{f.name: getattr(ns, "_".join(filter(None, (prefix, f.name)))) for f in fields(TrainArgs)})
 
 
 def main(argv=None):
@@ -318,25 +331,25 @@ def main(argv=None):
     pre.add_argument("--config", required=True, help="config.json with the Qwen3 and summary_* keys")
     pre.add_argument("--tokenizer", required=True, help="directory with the tokenizer files")
     c = sub.add_parser("cpt", help="continual pre-training of a dense Qwen3 into KSA")
-    c.add_argument("--dense", required=True)
-    c.add_argument("--chunk", type=int, default=8)
-    c.add_argument("--summaries", type=int, default=1)
-    c.add_argument("--windows", default="([128]*3+[16768]*1)*9")
-    _add_train_args(c, "anneal_")
+    c.add_argument("--dense", required=True, help="dense Qwen3 model directory (as mlx-lm loads it)")
+    c.add_argument("--chunk", type=int, default=8, help="summary_chunk_size k")
+    c.add_argument("--summaries", type=int, default=1, help="summary tokens per chunk S")
+    c.add_argument("--windows", default="([128]*3+[16768]*1)*9", help="per-layer window pattern, in chunks")
+    _add_train_args(c, "anneal")
     ft = sub.add_parser("finetune", help="full or LoRA fine-tuning of a KSA model")
-    ft.add_argument("--model", required=True)
+    ft.add_argument("--model", required=True, help="KSA model directory or repo id")
     ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     ft.add_argument("--lora-rank", type=int, default=8)
     ft.add_argument("--lora-scale", type=float, default=20.0)
     ft.add_argument("--lora-layers", type=int, default=16)
     fu = sub.add_parser("fuse", help="fold LoRA adapters into the weights")
-    fu.add_argument("--model", required=True)
+    fu.add_argument("--model", required=True, help="the model the adapters were trained on")
     fu.add_argument("--adapter-path", required=True)
     fu.add_argument("--save-path", required=True)
     for p in (pre, c, ft):
         p.add_argument("--data", nargs="+", required=True, help=".txt, .jsonl or .npy files")
-        p.add_argument("--val-data", nargs="+")
-        p.add_argument("--out", required=True)
+        p.add_argument("--val-data", nargs="+", help="validation files (same formats)")
+        p.add_argument("--out", required=True, help="output model directory (checkpoints under OUT/checkpoints)")
         p.add_argument("--resume", help="a checkpoint directory (OUT/checkpoints/step_N)")
         _add_train_args(p)
     ns = parser.parse_args(argv)
@@ -359,7 +372,7 @@ def run(ns):
         return
     targs = _targs(ns)
     if ns.cmd == "cpt":
-        cpt(ns.dense, ns.out, ns.data, targs, _targs(ns, "anneal_"), chunk=ns.chunk,
+        cpt(ns.dense, ns.out, ns.data, targs, _targs(ns, "anneal"), chunk=ns.chunk,
             summaries=ns.summaries, windows=ns.windows)
         return
     if ns.cmd == "pretrain":

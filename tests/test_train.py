@@ -91,9 +91,11 @@ def test_cpt_starts_as_the_dense_model_and_saves_a_loadable_ksa_model(tmp_path):
 
     data = tmp_path / "data.txt"
     data.write_text("def f(x):\n    return x * 2\n" * 40)
-    small = T.TrainArgs(steps=3, batch_size=2, seq_len=32, warmup=1, report_every=1000)
-    T.cpt(tmp_path / "dense", tmp_path / "ksa", [data], small, small, chunk=4, windows="[2]*3+[16]",
-          log=lambda s: None)
+    small = ["steps", "3", "batch-size", "2", "seq-len", "32", "warmup", "1"]
+    assert T.main(["cpt", "--dense", str(tmp_path / "dense"), "--data", str(data), "--out", str(tmp_path / "ksa"),
+                   "--chunk", "4", "--windows", "[2]*3+[16]",
+                   *(f"--{a}" if i % 2 == 0 else a for i, a in enumerate(small)),  # stage 1: distillation
+                   *(f"--anneal-{a}" if i % 2 == 0 else a for i, a in enumerate(small))]) == 0
     saved = json.loads((tmp_path / "ksa" / "config.json").read_text())
     assert saved["mix_coeff"] == 0.0 and saved["summary_chunk_size"] == 4
     model, tokenizer = mlx_ksa.load(tmp_path / "ksa")
