@@ -10,22 +10,9 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 import mlx_ksa
 from tests.helpers import random_ids, run_steps, tiny_checkpoint
+from tests.test_cache import full_logits, model  # noqa: F401 (a fixture: the same three cache layouts)
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=[
-    ("w1_k4_s1", {"summary_sliding_chunk_num": "[1]*3+[4]"}),
-    ("w3_k3_s2", {"summary_chunk_size": 3, "summary_token_num": 2, "summary_sliding_chunk_num": 3}),
-    ("w0_k5", {"summary_chunk_size": 5, "summary_sliding_chunk_num": [0, 2, 0, 9]}),
-], ids=lambda p: p[0])
-def model(request, tmp_path_factory):
-    path, cfg, _ = tiny_checkpoint(tmp_path_factory.mktemp("m"), tokenizer=False, **request.param[1])
-    return mlx_ksa.load_model(path)[0]
-
-
-def full_logits(model, ids):
-    return np.array(model(mx.array(ids)[None])[0])
 
 
 # (sizes fed first, sizes of the block trimmed whole and fed again), for a
