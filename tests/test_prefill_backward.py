@@ -15,7 +15,7 @@ import pytest
 from mlx_ksa import attention
 from mlx_ksa.attention import reference_attention
 from mlx_ksa.kernels import prefill, prefill_backward
-from tests.test_prefill_kernel import lse_oracle, make_case, reference
+from tests.test_prefill_kernel import emulator, lse_oracle, make_case, reference  # noqa: F401 (fixture)
 
 # Relative to the largest gradient entry of each array.
 TOL = {mx.float32: 2e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
@@ -72,14 +72,6 @@ def run_emulated(emulator, arrays, opts, cot, sanitizer=None):
     args = prefill_backward.launch("metal", arrays, forward_outputs(arrays, opts), cot, **opts)
     outs = emulator.run_metal_kernel(prefill_backward.kernel("metal"), sanitizer=sanitizer, **args)
     return prefill_backward.cut(outs, arrays)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    emu = pytest.importorskip("tests.metal_emu")
-    if not emu.available():
-        pytest.skip("the Metal emulator found no C++ compiler")
-    return emu
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))

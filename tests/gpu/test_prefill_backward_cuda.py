@@ -20,22 +20,12 @@ from mlx_ksa.attention import ksa_attention, reference_attention
 from mlx_ksa.kernels import prefill, prefill_backward
 from mlx_ksa.model import Model, ModelArgs
 from tests import torch_reference as ref
-from tests.gpu.test_prefill_cuda import timed
+from tests.gpu.test_prefill_cuda import gpu_cases, timed
 from tests.test_prefill_backward import CASES, NAMES, check_grads, make_grad_case
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
 
-# (B, H, Hkv, D, k, S, window, t0, n, dtype): the emulator's small cases in the
-# dtypes the CUDA kernel serves, plus many tiles, many partner blocks, summary
-# ranges longer than a block, a 128-chunk window, a whole-context window.
-GPU_CASES = [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in CASES] + [
-    (1, 8, 2, 128, 8, 1, 4, 0, 1000, mx.bfloat16),
-    (1, 4, 1, 64, 8, 1, 0, 0, 777, mx.float16),
-    (1, 4, 4, 128, 4, 2, 2, 300, 201, mx.float16),
-    (2, 4, 1, 64, 8, 1, 1000, 0, 500, mx.bfloat16),
-    (1, 4, 1, 128, 8, 1, 128, 0, 2100, mx.bfloat16),
-    (1, 8, 1, 128, 8, 1, 16, 1531, 1030, mx.bfloat16),
-]
+GPU_CASES = gpu_cases(CASES)
 
 
 def kernel_grads(arrays, opts, cot):

@@ -23,10 +23,14 @@ from tests.test_prefill_kernel import CASES, check, make_case
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
 
-# (B, H, Hkv, D, k, S, window, t0, n, dtype): the emulator's small cases in the
-# dtypes the CUDA kernel serves, plus many tiles, many key blocks, summaries
-# longer than a block and a 128-chunk window.
-GPU_CASES = [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in CASES] + [
+def gpu_cases(cases):
+    """Emulator cases in the dtypes the CUDA kernels serve, then LONG_CASES."""
+    return [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in cases] + LONG_CASES
+
+
+# (B, H, Hkv, D, k, S, window, t0, n, dtype): many tiles, many key blocks,
+# summaries longer than a block, a 128-chunk window, a whole-context window.
+LONG_CASES = [
     (1, 8, 2, 128, 8, 1, 4, 0, 1000, mx.bfloat16),
     (1, 4, 1, 64, 8, 1, 0, 0, 777, mx.float16),
     (1, 4, 4, 128, 4, 2, 2, 300, 201, mx.float16),
@@ -34,6 +38,7 @@ GPU_CASES = [c[:-1] + (mx.float16 if c[-1] == mx.float32 else c[-1],) for c in C
     (1, 4, 1, 128, 8, 1, 128, 0, 2100, mx.bfloat16),
     (1, 8, 1, 128, 8, 1, 16, 1531, 1030, mx.bfloat16),
 ]
+GPU_CASES = gpu_cases(CASES)
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
