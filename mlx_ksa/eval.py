@@ -3,10 +3,15 @@ RULER (passkey, needle-in-a-haystack, variable tracking, common / frequent
 word extraction) and perplexity on a text file.
 
     python -m mlx_ksa.eval --model DIR --tasks passkey niah_single --lengths 1024 4096 \\
-        --depths 0 0.25 0.5 0.75 1 --trials 10 --out results.json [--plot heat.png] [--dense]
+        --depths 0 0.25 0.5 0.75 1 --trials 10 --out results.json [--plot heat.png] [--dense] \\
+        [--kv-bits 8 --kv-group-size 64]
 
 A task instance is (prompt, answers): the score is the fraction of answers
-found verbatim in the greedy continuation, averaged over trials.
+found verbatim in the greedy continuation, averaged over trials. With
+--kv-bits the generation keeps its K/V cache quantized from the first token
+(mlx-lm's kv_bits with quantized_kv_start=0: the prompt is prefilled, then
+every cached token is stored quantized, and decoding attends over the
+quantized cache).
 """
 
 import argparse
@@ -146,17 +151,74 @@ def score(prediction, answers):
     return sum(a in prediction for a in answers) / len(answers)
 
 
-def run_task(model, tokenizer, task, lengths, depths, trials, seed=0, max_tokens=None, log=None):
-    from mlx_lm import generate
+KV_BITS = (4, 8)
 
+
+def _check_kv(kv_bits, kv_group_size):
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS} or None, not {kv_bits!r}")
+    if kv_group_size not in (32, 64, 128):
+        raise ValueError(f"kv_group_size must be 32, 64 or 128, not {kv_group_size!r}")
+
+
+def _generation_kwargs(kv_bits, kv_group_size):
+    """What mlx-lm's generate needs to keep the cache quantized from the start."""
+    if kv_bits is None:
+        return {}
+    return {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": 0}
+
+
+def kv_cache_bytes(cache):
+    """Bytes the caches hold (allocated, all layers): sum of their nbytes."""
+    return int(sum(c.nbytes for c in cache))
+
+
+def kv_cache_dtype(cache):
+    """What one layer's cache stores: its dtype, or bits, group and scale dtype when quantized."""
+    c = next((c for c in cache if not c.empty()), None)
+    if c is None:
+        return None
+    if isinstance(c.keys, (tuple, list)):  # mx.quantize parts: packed, scales, biases
+        return f"{c.bits}-bit (group {c.group_size}, {str(c.keys[1].dtype).split('.')[-1]} scales)"
+    return str(c.keys.dtype).split(".")[-1]
+
+
+def prompt_kv(model, tokenizer, prompt, kv_bits=None, kv_group_size=64):
+    """(bytes, dtype) of the decode caches after prefilling `prompt` in one call,
+    quantized as run_task's generation quantizes them."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    _check_kv(kv_bits, kv_group_size)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(tokenizer.encode(prompt))[None], cache=cache))
+    if kv_bits is not None:
+        cache = [c.to_quantized(group_size=kv_group_size, bits=kv_bits) for c in cache]
+    return kv_cache_bytes(cache), kv_cache_dtype(cache)
+
+
+def run_task(model, tokenizer, task, lengths, depths, trials, seed=0, max_tokens=None, log=None,
+             kv_bits=None, kv_group_size=64):
+    """Greedy generation on each instance; one row per instance. kv_bits (4 or 8)
+    keeps the K/V cache quantized (group kv_group_size) from the first token;
+    each row records the cache it ended with: kv_bytes (allocated) and kv_dtype."""
+    from mlx_lm import generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    _check_kv(kv_bits, kv_group_size)
     count = lambda s: len(tokenizer.encode(s))
     rows = []
     for inst in make_instances(task, lengths, depths, trials, seed, count):
         budget = max_tokens or (8 + 8 * len(inst.answers))
-        pred = generate(model, tokenizer, inst.prompt, max_tokens=budget, verbose=False)
+        # generate quantizes the caches in this list in place.
+        cache = make_prompt_cache(model)
+        pred = generate(model, tokenizer, inst.prompt, max_tokens=budget, verbose=False,
+                        prompt_cache=cache, **_generation_kwargs(kv_bits, kv_group_size))
         rows.append({"task": task, "length": inst.length, "depth": inst.depth,
                      "tokens": count(inst.prompt), "score": score(pred, inst.answers),
-                     "answers": inst.answers, "prediction": pred})
+                     "answers": inst.answers, "prediction": pred,
+                     "kv_bits": kv_bits, "kv_group_size": kv_group_size if kv_bits else None,
+                     "kv_bytes": kv_cache_bytes(cache), "kv_dtype": kv_cache_dtype(cache)})
         if log:
             log(f"{task} len={inst.length} depth={inst.depth:.2f} score={rows[-1]['score']:.2f}")
     return rows
@@ -189,15 +251,20 @@ def summarize(rows):
             for t, ls in table.items()}
 
 
-def format_table(summary):
+def format_table(summary, kv_bytes=None, kv=None):
+    """Markdown tables of summary; kv_bytes ({task: {length: bytes}}) adds a
+    column, kv (a description of the K/V cache) a line above each table."""
     lines = []
     for task, by_len in summary.items():
         depths = sorted({d for ds in by_len.values() for d in ds})
-        lines.append(f"\n{task}\n| length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |")
-        lines.append("|---" * (len(depths) + 2) + "|")
+        extra = task in (kv_bytes or {})
+        lines.append(f"\n{task}" + (f" (KV cache: {kv})" if kv else "") + "\n| length | "
+                     + " | ".join(f"depth {d:g}" for d in depths) + " | mean |" + (" KV bytes |" if extra else ""))
+        lines.append("|---" * (len(depths) + 2 + extra) + "|")
         for L in sorted(by_len):
             vals = [by_len[L].get(d, float("nan")) for d in depths]
-            lines.append(f"| {L} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {np.nanmean(vals):.2f} |")
+            lines.append(f"| {L} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {np.nanmean(vals):.2f} |"
+                         + (f" {kv_bytes[task][L]:,} |" if extra else ""))
     return "\n".join(lines)
 
 
@@ -235,6 +302,10 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS,
+                   help="keep the K/V cache quantized to this many bits from the first token")
+    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="group size of the K/V quantization (default 64)")
     p.add_argument("--perplexity", help="a text file to measure perplexity on")
     p.add_argument("--out", help="JSON file for all rows and the summary")
     p.add_argument("--plot", help="PNG heat map of score by depth and length")
@@ -248,16 +319,27 @@ def main(argv=None):
             from .utils import load as load_any
         model, tokenizer = load_any(a.model)
         start, rows = time.perf_counter(), []
+        kv = {"kv_bits": a.kv_bits, "kv_group_size": a.kv_group_size if a.kv_bits else None}
         for task in a.tasks:
             rows += run_task(model, tokenizer, task, a.lengths, a.depths, a.trials, a.seed, a.max_tokens,
-                             log=lambda s: print(s, file=sys.stderr))
+                             log=lambda s: print(s, file=sys.stderr), kv_bits=a.kv_bits,
+                             kv_group_size=a.kv_group_size)
+        seconds = time.perf_counter() - start
         summary = summarize(rows)
-        result = {"model": a.model, "dense": a.dense, "seed": a.seed, "summary": summary, "rows": rows,
-                  "seconds": time.perf_counter() - start}
+        # The caches after each length's first prompt: what a prompt that long costs.
+        kv_bytes, kv_dtype = {}, None
+        for r in rows:
+            if r["length"] not in kv_bytes.setdefault(r["task"], {}):
+                first = make_instances(r["task"], [r["length"]], a.depths, 1, a.seed,
+                                       lambda s: len(tokenizer.encode(s)))[0]
+                kv_bytes[r["task"]][r["length"]], kv_dtype = prompt_kv(
+                    model, tokenizer, first.prompt, a.kv_bits, a.kv_group_size)
+        result = {"model": a.model, "dense": a.dense, "seed": a.seed, **kv, "kv_dtype": kv_dtype,
+                  "kv_bytes": kv_bytes, "summary": summary, "rows": rows, "seconds": seconds}
         if a.perplexity:
             result["perplexity"] = perplexity(model, tokenizer, Path(a.perplexity).read_text())
             print(f"perplexity: {result['perplexity']:.3f}")
-        print(format_table(summary))
+        print(format_table(summary, kv_bytes, kv_dtype))
         if a.out:
             Path(a.out).write_text(json.dumps(result, indent=1))
         if a.plot:

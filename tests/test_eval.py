@@ -107,3 +107,101 @@ def test_perplexity_is_exp_mean_ce_over_windows(tmp_path):
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
         nll += list(-logp[np.arange(len(w) - 1), w[1:]])
     assert E.perplexity(model, tokenizer, text, seq_len=16) == pytest.approx(np.exp(np.mean(nll)), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qmodel(tmp_path_factory):
+    """A tiny KSA model whose head_dim (32) takes KV groups of 32."""
+    import mlx_ksa
+
+    path, *_ = tiny_checkpoint(tmp_path_factory.mktemp("q"), head_dim=32)
+    return mlx_ksa.load(path)
+
+
+def _greedy_with_cache(model, tokenizer, prompt, max_tokens, cache):
+    """Greedy text of `prompt` decoded through `cache`, stopping at EOS (as generate)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    tokens = []
+    for t, _ in generate_step(mx.array(tokenizer.encode(prompt)), model, max_tokens=max_tokens,
+                              prompt_cache=cache):
+        if t in tokenizer.eos_token_ids:
+            break
+        tokens.append(t)
+    return tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_run_task_with_kv_bits_decodes_through_a_quantized_cache(qmodel, bits):
+    import mlx_ksa
+    from mlx_ksa.cache import QuantizedKSACache
+
+    model, tokenizer = qmodel
+    args = ("passkey", [128, 200], [0.0, 1.0], 1)
+    rows = E.run_task(model, tokenizer, *args, seed=3, max_tokens=6, kv_bits=bits, kv_group_size=32)
+    dense = E.run_task(model, tokenizer, *args, seed=3, max_tokens=6)
+    count = lambda s: len(tokenizer.encode(s))
+    instances = E.make_instances(*args, seed=3, count_tokens=count)
+    assert len(rows) == len(instances) == 4
+    D, g = model.args.head_dim, 32
+    # Per slot and head: D*bits/8 packed bytes plus a float32 scale and bias per group.
+    factor = (D * bits / 8 + 2 * 4 * D / g) / (4 * D)
+    for row, d, inst in zip(rows, dense, instances):
+        # The same greedy decoding through a cache quantized before the first
+        # token: every token is stored quantized once either way.
+        cache = [c.to_quantized(g, bits) for c in mlx_ksa.make_prompt_cache(model)]
+        expected = _greedy_with_cache(model, tokenizer, inst.prompt, 6, cache)
+        assert all(type(c) is QuantizedKSACache for c in cache)
+        assert row["prediction"] == expected
+        assert row["score"] == E.score(expected, inst.answers)
+        assert row["kv_bytes"] == sum(c.nbytes for c in cache)
+        assert (row["kv_bits"], row["kv_group_size"]) == (bits, g)
+        assert row["kv_dtype"] == f"{bits}-bit (group {g}, float32 scales)"
+        # Without kv_bits: the float32 cache of the same slots.
+        assert (d["kv_bits"], d["kv_group_size"], d["kv_dtype"]) == (None, None, "float32")
+        assert row["kv_bytes"] == d["kv_bytes"] * factor
+
+
+def test_prompt_kv_is_the_caches_after_the_prompt(qmodel):
+    import mlx.core as mx
+
+    import mlx_ksa
+
+    model, tokenizer = qmodel
+    prompt = "The pass key is 12345. " * 20
+    n, dtype = E.prompt_kv(model, tokenizer, prompt)
+    cache = mlx_ksa.make_prompt_cache(model)
+    model(mx.array(tokenizer.encode(prompt))[None], cache=cache)
+    assert (n, dtype) == (sum(c.nbytes for c in cache), "float32")
+    q = [c.to_quantized(64 // 2, 4) for c in cache]
+    assert E.prompt_kv(model, tokenizer, prompt, 4, 32) == (sum(c.nbytes for c in q),
+                                                            "4-bit (group 32, float32 scales)")
+
+
+def test_cli_kv_bits(tmp_path, capsys):
+    path, *_ = tiny_checkpoint(tmp_path / "m", head_dim=32)
+    out = tmp_path / "r.json"
+    rc = E.main(["--model", str(path), "--lengths", "128", "--depths", "0.5", "--trials", "2",
+                 "--max-tokens", "4", "--kv-bits", "8", "--kv-group-size", "32", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert (result["kv_bits"], result["kv_group_size"]) == (8, 32)
+    assert result["kv_dtype"] == "8-bit (group 32, float32 scales)"
+    assert all(r["kv_bits"] == 8 and r["kv_dtype"] == result["kv_dtype"] for r in result["rows"])
+    assert result["kv_bytes"]["passkey"]["128"] > 0
+    text = capsys.readouterr().out
+    assert "KV cache: 8-bit (group 32, float32 scales)" in text
+    assert f"{result['kv_bytes']['passkey']['128']:,} |" in text
+
+
+def test_cli_rejects_bad_kv_settings(tmp_path, capsys):
+    path, *_ = tiny_checkpoint(tmp_path / "m")  # head_dim 16
+    with pytest.raises(SystemExit):
+        E.main(["--model", str(path), "--kv-bits", "3"])
+    capsys.readouterr()
+    assert E.main(["--model", str(path), "--lengths", "128", "--depths", "0", "--trials", "1",
+                   "--kv-bits", "4", "--kv-group-size", "32"]) == 1
+    assert "group size 32" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kv_bits"):
+        E.run_task(None, None, "passkey", [128], [0.0], 1, kv_bits=2)
