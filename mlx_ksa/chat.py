@@ -19,7 +19,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .generate import (DEFAULT_PREFILL_STEP_SIZE, PrefillProgress, _Parser, _positive, format_kv_stats,
-                       load_model_and_tokenizer)
+                       load_model_and_tokenizer, run_cli)
 
 HELP = "commands: q quit, r reset the conversation, h help"
 
@@ -142,16 +142,7 @@ def run(a):
 
 
 def main(argv=None):
-    a = setup_arg_parser().parse_args(argv)
-    try:
-        run(a)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(run, setup_arg_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,14 @@ model is a local directory or a Hugging Face repo id; an original PyTorch
 checkpoint of a KSA model is converted once with `mlx_ksa.convert` into a
 cache directory (MLX_KSA_CACHE, default ~/.cache/mlx_ksa). Sampling, prompt
 caches and streaming are mlx-lm's own (`make_sampler`, `stream_generate`,
-`load_prompt_cache`); what this module adds is loading KSA models, the KV
-cache statistics against a dense model of the same shape, and a progress bar
-for long prefills.
+`load_prompt_cache`), and so are speculative decoding (--draft-model) and KV
+cache quantization (--kv-bits); what this module adds is loading KSA models,
+the KV cache statistics against a dense model of the same shape, and a
+progress bar for long prefills.
+
+Under `mlx.launch` (more than one rank in `mx.distributed.init()`) the model
+is sharded over the ranks with `Model.shard` (tensor parallelism, as
+mlx_lm.chat and mlx_lm.benchmark do it) and only rank 0 prints.
 """
 
 import argparse
@@ -26,16 +31,19 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate, str2bool
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, stream_generate, str2bool
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .cache import KSACache
+from .model import Model
 from .utils import load  # importing mlx_ksa registers KSACache for load_prompt_cache
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.generate's
 SUMMARY_KEYS = ("summary_chunk_size", "summary_token_begin", "summary_sliding_chunk_num")
 
 
@@ -51,16 +59,20 @@ def _safetensors_names(file):
         return json.loads(f.read(min(n, 1 << 26)))
 
 
+def is_ksa_checkpoint(path):
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and any(k in config for k in SUMMARY_KEYS)
+
+
 def needs_conversion(path, hub=False):
     """Whether `path` holds a KSA checkpoint that mlx_ksa.load cannot read as
     is: PyTorch pickles only, or safetensors with Muse training names. A hub
     snapshot without safetensors needs it too (its pickles were not fetched)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False  # not a KSA checkpoint: let load() say what is wrong
-    if not isinstance(config, dict) or not any(k in config for k in SUMMARY_KEYS):
-        return False
+    if not is_ksa_checkpoint(path):
+        return False  # let load() say what is wrong
     shards = sorted(path.glob("model*.safetensors"))
     if not shards:
         return hub or any(True for p in ("*.bin", "*.pt", "*.pth") for _ in path.glob(p))
@@ -119,27 +131,77 @@ def resolve_model(spec=None, revision=None):
     return _converted(path, str(spec)) if needs_conversion(path, hub=True) else path
 
 
-def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None):
+def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None, lazy=False):
     """(model, tokenizer, directory) for --model `spec` (see resolve_model)."""
     path = resolve_model(spec)
     try:
-        model, tokenizer = load(str(path), tokenizer_config=tokenizer_config, adapter_path=adapter_path)
+        model, tokenizer = load(str(path), tokenizer_config=tokenizer_config, adapter_path=adapter_path,
+                                lazy=lazy)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot load model {spec or path}: {e}") from None
     return model, tokenizer, path
+
+
+def load_any(spec, **kwargs):
+    """(model, tokenizer) for a KSA model through mlx_ksa.load, and for any
+    other model through mlx_lm.load: a draft model need not be KSA."""
+    path = resolve_model(spec)
+    if is_ksa_checkpoint(path):
+        return load(str(path), **kwargs)
+    from mlx_lm.utils import load as mlx_lm_load
+
+    return mlx_lm_load(str(path), **kwargs)
+
+
+# mlx-lm's speculative decoding quantizes a copy of the cache list: the caches
+# the caller holds (for statistics, or a server's prompt cache) would go stale.
+DRAFT_KV_BITS_ERROR = ("--draft-model cannot be combined with --kv-bits: "
+                       "mlx-lm quantizes copies of the caches then")
+
+
+def check_kv_group_size(model, kv_bits, group_size):
+    """mx.quantize groups the head dimension: refuse before generating, not at --quantized-kv-start."""
+    if kv_bits is not None and model.args.head_dim % group_size:
+        raise ValueError(f"--kv-group-size {group_size} does not divide the model's head_dim "
+                         f"{model.args.head_dim}")
+
+
+def check_draft_tokens(n, *models, name="--num-draft-tokens"):
+    """Refuses drafting more tokens than the KSA models' caches can take back:
+    a rejected draft is trimmed off, and KSACache.trim undoes one chunk at most."""
+    limit = min((m.args.summary_chunk_size for m in models if isinstance(m, Model)), default=n)
+    if n > limit:
+        raise ValueError(f"{name} {n} is more than {limit}, the summary chunk size: a KSA cache "
+                         "can take back rejected draft tokens only within one chunk")
+
+
+def load_draft_model(spec, tokenizer):
+    """The --draft-model, checked as mlx_lm.generate checks it: the same vocabulary."""
+    try:
+        draft, draft_tokenizer = load_any(spec)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot load draft model {spec}: {e}") from None
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"draft model {spec} has a vocabulary of {draft_tokenizer.vocab_size} tokens, the "
+                         f"model {tokenizer.vocab_size}: speculative decoding needs the model's tokenizer")
+    return draft
 
 
 # -- KV cache statistics --------------------------------------------------------
 def kv_cache_stats(model, cache):
     """(text tokens, bytes the KSA cache holds, bytes a dense KV cache of the
     same model shape and dtype would hold for those tokens)."""
-    args = model.args
+    cache = cache[: len(model.layers)]  # a draft model's caches follow the model's
     tokens = cache[0].offset if cache else 0
     nbytes = sum(c.nbytes for c in cache)
     keys = next((c.keys for c in cache if getattr(c, "keys", None) is not None), None)
+    if isinstance(keys, tuple):  # quantized: (packed, scales, biases); scales keep the dense dtype
+        keys = keys[1]
     itemsize = keys.dtype.size if keys is not None else 2
     batch = keys.shape[0] if keys is not None else 1
-    dense = 2 * len(model.layers) * args.num_key_value_heads * args.head_dim * tokens * itemsize * batch
+    # The heads this process holds: a sharded model keeps 1/N of them.
+    heads = sum(layer.self_attn.n_kv_heads for layer in model.layers)
+    dense = 2 * heads * model.args.head_dim * tokens * itemsize * batch
     return tokens, nbytes, dense
 
 
@@ -191,7 +253,8 @@ def load_ksa_prompt_cache(file, model):
     except Exception as e:  # mx.load and the unflattening raise many kinds on a corrupt file
         raise ValueError(f"prompt cache file {file} is unreadable or corrupt ({type(e).__name__})") from None
     expected = model.make_cache()
-    shape = lambda c: (type(c).__name__, getattr(c, "chunk", None), getattr(c, "summaries", None),
+    # A quantized KSA cache (--kv-bits) fits the model as well.
+    shape = lambda c: (isinstance(c, KSACache), getattr(c, "chunk", None), getattr(c, "summaries", None),
                        getattr(c, "window", None))
     if len(cache) != len(expected) or any(shape(a) != shape(b) for a, b in zip(cache, expected)):
         raise ValueError(f"prompt cache file {file} was not made for this model (layers or KSA windows differ)")
@@ -267,6 +330,16 @@ def setup_arg_parser():
                    "and exit (what mlx_lm.cache_prompt does)")
     p.add_argument("--prefill-step-size", type=_positive(int), default=DEFAULT_PREFILL_STEP_SIZE,
                    help=f"prompt tokens per prefill step (default {DEFAULT_PREFILL_STEP_SIZE})")
+    p.add_argument("--draft-model", help="a smaller model with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=_positive(int), default=DEFAULT_NUM_DRAFT_TOKENS,
+                   help="tokens the draft model proposes per step (at most the summary chunk size; "
+                   f"default {DEFAULT_NUM_DRAFT_TOKENS})")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to this many bits")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="group size of the KV cache quantization (default 64)")
+    p.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                   help=f"with --kv-bits, quantize once the cache holds this many tokens "
+                   f"(default {DEFAULT_QUANTIZED_KV_START})")
     p.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=True,
                    help="print the statistics (default true; 'false' prints the text only)")
     p.add_argument("--quiet", "-q", action="store_true",
@@ -285,11 +358,19 @@ def _check_args(a):
         raise ValueError(f"--top-k must be >= 0, got {a.top_k}")
     if a.prompt_cache_file and (a.save_prompt_cache or a.prefill_response is not None):
         raise ValueError("--prompt-cache-file cannot be combined with --save-prompt-cache or --prefill-response")
+    if a.draft_model and (a.prompt_cache_file or a.save_prompt_cache):
+        raise ValueError("--draft-model cannot be combined with prompt cache files: they hold no draft model cache")
+    if a.draft_model and a.kv_bits is not None:
+        raise ValueError(DRAFT_KV_BITS_ERROR)
 
 
 def run(a):
     _check_args(a)
-    verbose = a.verbose and not a.quiet
+    group = mx.distributed.init()
+    if group.size() > 1 and (a.adapter_path or a.draft_model or a.prompt_cache_file or a.save_prompt_cache):
+        raise ValueError("adapters, draft models and prompt cache files are not supported in distributed mode")
+    rank0 = group.rank() == 0
+    verbose = a.verbose and not a.quiet and rank0
     cache, metadata = None, {}
     model_spec = a.model
     if a.prompt_cache_file and not Path(a.prompt_cache_file).is_file():
@@ -301,7 +382,17 @@ def run(a):
             model_spec = json.loads(metadata.get("mlx_ksa", "{}")).get("model")
         except Exception:
             pass  # a corrupt file is reported below, once the model is known
-    model, tokenizer, path = load_model_and_tokenizer(model_spec, a.adapter_path)
+    # As mlx_lm.utils.sharded_load: load lazily, shard, then read only this rank's part.
+    model, tokenizer, path = load_model_and_tokenizer(model_spec, a.adapter_path, lazy=group.size() > 1)
+    if group.size() > 1:
+        model.shard(group)
+        mx.eval(model.parameters())
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # all ranks loaded: none times out
+    check_kv_group_size(model, a.kv_bits, a.kv_group_size)
+    draft = None
+    if a.draft_model:
+        draft = load_draft_model(a.draft_model, tokenizer)
+        check_draft_tokens(a.num_draft_tokens, model, draft)
     for token in a.extra_eos_token:
         tokenizer.add_eos_token(token)
     if a.prompt_cache_file:
@@ -330,7 +421,7 @@ def run(a):
     if not ids:
         raise ValueError("the prompt is empty")
 
-    progress = PrefillProgress(a.prefill_step_size, enabled=not a.quiet)
+    progress = PrefillProgress(a.prefill_step_size, enabled=not a.quiet and rank0)
     if a.save_prompt_cache:
         return save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, verbose)
 
@@ -339,16 +430,25 @@ def run(a):
     # so a seed gives what the Python API gives after mx.random.seed.
     if a.seed is not None:
         mx.random.seed(a.seed)
-    cache = cache if cache is not None else model.make_cache()
+    elif group.size() > 1:
+        # The ranks sample from the same logits: they must draw the same numbers too (as mlx_lm.server).
+        mx.random.seed(mx.distributed.all_sum(mx.random.state[0]).view(mx.uint64).item())
+    if cache is None:
+        cache = model.make_cache() + (make_prompt_cache(draft) if draft is not None else [])
     if verbose:
         print("=" * 10)
     response, text = None, ""
     for response in stream_generate(model, tokenizer, ids, max_tokens=a.max_tokens, sampler=sampler,
                                     prompt_cache=cache, prefill_step_size=a.prefill_step_size,
-                                    prompt_progress_callback=progress):
-        print(response.text, end="", flush=True)
+                                    prompt_progress_callback=progress, draft_model=draft,
+                                    num_draft_tokens=a.num_draft_tokens, kv_bits=a.kv_bits,
+                                    kv_group_size=a.kv_group_size,
+                                    quantized_kv_start=a.quantized_kv_start):
+        if rank0:
+            print(response.text, end="", flush=True)
         text += response.text
-    print()
+    if rank0:
+        print()
     if verbose:
         print("=" * 10)
         if not text:
@@ -356,7 +456,8 @@ def run(a):
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {response.peak_memory:.3f} GB")
-        print(format_kv_stats(model, cache))
+        kv = format_kv_stats(model, cache)
+        print(kv if group.size() == 1 else f"{kv}; on each of {group.size()} ranks (sharded heads)")
     return text
 
 
@@ -368,7 +469,9 @@ def save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, ver
     from mlx_lm.generate import generate_step
 
     for _ in generate_step(mx.array(ids), model, max_tokens=0, prompt_cache=cache,
-                           prefill_step_size=a.prefill_step_size, prompt_progress_callback=progress):
+                           prefill_step_size=a.prefill_step_size, prompt_progress_callback=progress,
+                           kv_bits=a.kv_bits, kv_group_size=a.kv_group_size,
+                           quantized_kv_start=a.quantized_kv_start):
         pass
     mx.eval([c.state[:2] for c in cache])
     dt = time.perf_counter() - tic
@@ -389,10 +492,11 @@ def save_cache(a, model, tokenizer, ids, model_spec, use_template, progress, ver
         print(f"Saved {out}")
 
 
-def main(argv=None):
-    a = setup_arg_parser().parse_args(argv)
+def run_cli(command, *args):
+    """Runs a command line's `command`: the exit status, with the errors a
+    user can fix (ValueError, OSError) on one line of stderr."""
     try:
-        run(a)
+        command(*args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -400,6 +504,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, setup_arg_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

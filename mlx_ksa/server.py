@@ -10,10 +10,15 @@ which the log reports. Endpoints: POST /v1/chat/completions,
 /v1/completions, GET /v1/models, /health.
 
 What changes from mlx-lm: models load with `mlx_ksa.load` (PyTorch KSA
-checkpoints are converted once, see mlx_ksa.generate.resolve_model), requests
-are served one at a time (KSACache has no batching), and prompt caches are
-only reused when they hold exactly the tokens they stand for (a KSA cache
-cannot always be trimmed back to a shorter prefix).
+checkpoints are converted once, see mlx_ksa.generate.resolve_model; a
+--draft-model that is not KSA loads with mlx_lm.load), --num-draft-tokens
+(and a request's num_draft_tokens) is at most the summary chunk size,
+--draft-model does not combine with --kv-bits, and prompt caches are only
+reused when they hold exactly the tokens they stand for (a KSA cache cannot
+always be trimmed back to a shorter prefix). Concurrent requests are batched
+by mlx-lm's BatchGenerator over BatchKSACache, as mlx_lm.server batches (not
+with --kv-bits, a draft model or a request seed, which mlx-lm serves one at
+a time).
 """
 
 import copy
@@ -25,29 +30,32 @@ from http.server import ThreadingHTTPServer
 import mlx_lm.server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-from .generate import DEFAULT_MODEL, format_kv_stats, resolve_model
-from .utils import load
+from .generate import (DEFAULT_MODEL, DRAFT_KV_BITS_ERROR, check_draft_tokens, check_kv_group_size,
+                       format_kv_stats, load_any, run_cli)
+from .model import Model
 
 
 def _load(path_or_repo, adapter_path=None, tokenizer_config=None, return_config=False, **_):
-    """mlx_lm.utils.load's signature over mlx_ksa.load (trust_remote_code is
-    ignored: no code from a checkpoint ever runs)."""
-    return load(str(resolve_model(path_or_repo)), tokenizer_config=tokenizer_config,
-                adapter_path=adapter_path, return_config=return_config)
+    """mlx_lm.utils.load's signature over mlx_ksa.load, for the model and the
+    draft model (trust_remote_code is ignored: no code from a checkpoint
+    ever runs)."""
+    return load_any(path_or_repo, tokenizer_config=tokenizer_config, adapter_path=adapter_path,
+                    return_config=return_config)
 
 
 class ModelProvider(mlx_server.ModelProvider):
     def __init__(self, cli_args):
-        if cli_args.draft_model:
-            raise ValueError("--draft-model: speculative decoding is not supported by mlx_ksa.server")
-        if cli_args.kv_bits is not None:
-            raise ValueError("--kv-bits: KSA caches are not quantized")
+        if cli_args.draft_model and cli_args.kv_bits is not None:
+            raise ValueError(DRAFT_KV_BITS_ERROR)
         cli_args.model = cli_args.model or str(DEFAULT_MODEL)
         super().__init__(cli_args)
         if self.is_distributed:
             raise ValueError("mlx_ksa.server runs on one machine (no distributed serving)")
         # Load now, so that a bad --model is a one-line error before serving.
         self.load_default()
+        check_kv_group_size(self.model, cli_args.kv_bits, cli_args.kv_group_size)
+        if self.draft_model is not None:
+            check_draft_tokens(cli_args.num_draft_tokens, self.model, self.draft_model)
 
 
 class PromptCache(LRUPromptCache):
@@ -83,12 +91,19 @@ class PromptCache(LRUPromptCache):
     def insert_cache(self, model, tokens, prompt_cache, **kwargs):
         super().insert_cache(model, tokens, prompt_cache, **kwargs)
         provider = _provider
-        if provider is not None and provider.model is not None:
+        if provider is not None and isinstance(provider.model, Model):
             logging.info(f"KSA prompt cache: stored {len(tokens)} tokens; "
                          + format_kv_stats(provider.model, prompt_cache))
 
 
 class APIHandler(mlx_server.APIHandler):
+    def validate_model_parameters(self):
+        super().validate_model_parameters()
+        provider = self.response_generator.model_provider
+        if provider.draft_model is not None or self.requested_draft_model != "default_model":
+            check_draft_tokens(self.num_draft_tokens, provider.model, provider.draft_model,
+                               name="num_draft_tokens")
+
     def handle_models_request(self):
         # The served model only: mlx-lm's listing scans the hub cache for any
         # MLX model (most are not KSA) and fails when that cache is absent.
@@ -134,7 +149,10 @@ def run(host, port, model_provider, server_class=ThreadingHTTPServer, handler_cl
         response_generator, *a, system_fingerprint=fingerprint, **kw))
     bound_host, bound_port = httpd.server_address[:2]
     logging.warning("mlx_ksa.server, like mlx_lm.server, has only basic security checks: not for production")
-    logging.info(f"mlx_ksa.server serving {model_provider.cli_args.model} at http://{bound_host}:{bound_port}")
+    # As mlx_lm.server decides: a draft model or --kv-bits serves requests one at a time.
+    batching = model_provider.is_batchable and model_provider.cli_args.kv_bits is None
+    logging.info(f"mlx_ksa.server serving {model_provider.cli_args.model} at http://{bound_host}:{bound_port} "
+                 f"({'concurrent requests batched' if batching else 'one request at a time'})")
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -151,12 +169,7 @@ def main(argv=None):
     mlx_server.ModelProvider = ModelProvider
     mlx_server.run = run
     sys.argv = ["python -m mlx_ksa.server", *argv]
-    try:
-        mlx_server.main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(mlx_server.main)
 
 
 if __name__ == "__main__":

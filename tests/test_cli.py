@@ -41,9 +41,9 @@ def write_char_tokenizer(path):
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "chat_template": TEMPLATE}))
 
 
-def make_model(path, seed=0):
+def make_model(path, seed=0, **overrides):
     """A tiny random KSA checkpoint (official layout) whose greedy text varies."""
-    cfg = ref.make_config(summary_sliding_chunk_num="[1]*3+[3]")
+    cfg = ref.make_config(summary_sliding_chunk_num="[1]*3+[3]", **overrides)
     weights = ref.random_weights(cfg, seed=seed, scale=0.3)
     ref.save_checkpoint(path, cfg, weights)
     write_char_tokenizer(path)
@@ -220,6 +220,59 @@ def test_generate_converts_a_pytorch_checkpoint(tmp_path, env):
     assert r.stdout.strip("\n") == expected.strip("\n")
     again = cli("mlx_ksa.generate", *args, env=env)
     assert again.returncode == 0 and "Converting" not in again.stderr and again.stdout == r.stdout
+
+
+def generated(stdout):
+    """The text between mlx-lm's ===== rulers."""
+    return stdout.split("=" * 10)[1].strip("\n")
+
+
+def test_speculative_decoding_gives_the_greedy_text(model_dir, env, tmp_path):
+    # Another seed: the draft is often wrong, so rejected drafts are trimmed
+    # off, across chunk boundaries too (4 tokens drafted, chunks of 4).
+    draft = make_model(tmp_path / "draft", seed=1)[0]
+    args = ("--model", model_dir, "--prompt", "speculate", "-m", 60)
+    plain = cli("mlx_ksa.generate", *args, env=env)
+    fast = cli("mlx_ksa.generate", *args, "--draft-model", draft, "--num-draft-tokens", 4, env=env)
+    assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
+    assert generated(fast.stdout) == generated(plain.stdout)
+    assert int(stats(fast.stdout)["generation"][0]) == 60
+    too_many = cli("mlx_ksa.generate", *args, "--draft-model", draft, "--num-draft-tokens", 5, env=env)
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip() == ("error: --num-draft-tokens 5 is more than 4, the summary chunk size: "
+                                       "a KSA cache can take back rejected draft tokens only within one chunk")
+
+
+def test_draft_model_needs_the_same_vocabulary(model_dir, env, tmp_path):
+    from tests.helpers import tiny_checkpoint
+
+    draft = tiny_checkpoint(tmp_path / "draft")[0]  # a tokenizer of 96 entries; the model's has 97
+    r = cli("mlx_ksa.generate", "--model", model_dir, "--draft-model", draft, "-m", 3, env=env)
+    assert r.returncode == 1 and "speculative decoding needs the model's tokenizer" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_kv_bits_quantize_the_cache_the_statistics_measure(env, tmp_path):
+    model_dir = make_model(tmp_path / "hd64", head_dim=64)[0]  # mx.quantize groups of 32 or 64
+    args = ("--model", model_dir, "--prompt", "quantize me", "-m", 200)
+    runs = {bits: cli("mlx_ksa.generate", *args, *(("--kv-bits", bits, "--kv-group-size", 32,
+                                                     "--quantized-kv-start", 0) if bits else ()), env=env)
+            for bits in (None, 8, 4)}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    kv = {bits: stats(r.stdout)["kv"] for bits, r in runs.items()}
+    assert kv[8][1:] == kv[4][1:] == kv[None][1:]  # same tokens, same dense reference
+    assert float(kv[4][0]) < float(kv[8][0]) < float(kv[None][0]) / 3  # float32 model: 8 bits is ~1/3.6
+    # The bytes the quantized caches hold, as the Python API measures them.
+    model, tokenizer = mlx_ksa.load(str(model_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "quantize me"}], add_generation_prompt=True)
+    cache = mlx_ksa.make_prompt_cache(model)
+    text = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=200, prompt_cache=cache,
+                                                   kv_bits=8, kv_group_size=32, quantized_kv_start=0))
+    assert generated(runs[8].stdout) == text.strip("\n")
+    assert abs(float(kv[8][0]) - sum(c.nbytes for c in cache) / 1e6) < 1e-3
+    bad = cli("mlx_ksa.generate", *args, "--kv-bits", 4, "--kv-group-size", 128, env=env)
+    assert bad.returncode == 1 and bad.stderr.strip() == ("error: --kv-group-size 128 does not divide the "
+                                                          "model's head_dim 64")
 
 
 def test_chat_two_turns_keep_the_cache(model_dir, env):
