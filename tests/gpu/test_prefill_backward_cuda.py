@@ -8,7 +8,6 @@ heads, D 128, k 8, S 1, W 128): the fused backward kernel alone, forward +
 backward through ksa_attention, and the reference path's vjp.
 """
 
-import argparse
 import json
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from mlx_ksa.attention import ksa_attention, reference_attention
 from mlx_ksa.kernels import prefill, prefill_backward
 from mlx_ksa.model import Model, ModelArgs
 from tests import torch_reference as ref
-from tests.gpu.test_prefill_cuda import gpu_cases, timed
+from tests.gpu.test_prefill_cuda import bench_cli, gpu_cases, timed
 from tests.test_prefill_backward import CASES, NAMES, check_grads, make_grad_case
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
@@ -102,12 +101,4 @@ def bench(n=16384, reps=5):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--out")
-    a = p.parse_args()
-    if a.bench:
-        rows = bench()
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(dict(device=str(mx.default_device()), rows=rows), f, indent=1)
+    bench_cli(bench)

@@ -18,7 +18,6 @@ import pytest
 from mlx_ksa import visibility
 from mlx_ksa.attention import ksa_attention, reference_attention
 from mlx_ksa.kernels import prefill
-from mlx_ksa.layout import Layout
 from tests.test_prefill_kernel import CASES, check, make_case
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
@@ -123,7 +122,8 @@ def bench(sizes=(16384, 65536, 131072), reference_up_to=65536, reps=5):
     return rows
 
 
-if __name__ == "__main__":
+def bench_cli(bench):
+    """`python FILE --bench [--out JSON]`: the rows bench() prints, also as JSON."""
     p = argparse.ArgumentParser()
     p.add_argument("--bench", action="store_true")
     p.add_argument("--out")
@@ -133,3 +133,7 @@ if __name__ == "__main__":
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(dict(device=str(mx.default_device()), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    bench_cli(bench)
