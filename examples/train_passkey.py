@@ -48,7 +48,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_ksa import eval as ksa_eval
-from mlx_ksa import visibility
 from mlx_ksa.data import Batches
 from mlx_ksa.model import Model, ModelArgs
 from mlx_ksa.train import TrainArgs, save_pretrained, train
@@ -627,7 +626,7 @@ def main(argv=None):
         device=report["device"], quant=quant, trials=k["eval"]["trials_per_length"],
         depths=", ".join(f"{d:g}" for d in a.eval_depths), table=table, command=command)
     (out / "ksa" / "README.md").write_text(card)
-    md = [f"# Issue #7: KSA vs sliding chunks only, passkey retrieval\n",
+    md = ["# Issue #7: KSA vs sliding chunks only, passkey retrieval\n",
           f"`{command}`\n", f"Device: {report['device']}. Total wall time {report['wall_seconds']:.0f} s.\n",
           f"Largest window {window_tokens} tokens (chunk {a.chunk}, windows `{a.windows}`); the baseline's "
           f"stacked windows reach about {reach_tokens} tokens back.\n"]
