@@ -4,7 +4,8 @@
 // header and the bodies that mx.fast.cuda_kernel takes. A Metal simdgroup is
 // a warp here, a threadgroup a block.
 //
-// params: [start, end, n_splits, split_len, S + k].
+// params: [B, 5], one row per batch row: [start, end, n_splits, split_len,
+// S + k]; n_splits and split_len are the launch's, the same in every row.
 
 //// header
 // Finite stand-in for -inf: empty warps merge with weight exp2(-huge) = 0 and
@@ -37,7 +38,10 @@ const int b = blockIdx.z;
 const int sg = threadIdx.x / 32;
 const int lane = threadIdx.x % 32;
 const int tid = threadIdx.x;
-const int n_splits = params[2], split_len = params[3];
+// This batch row's parameters (read by index: MLX puts small inputs in
+// constant memory, larger ones in device memory).
+const int start = params[b * 5], end = params[b * 5 + 1];
+const int n_splits = params[b * 5 + 2], split_len = params[b * 5 + 3], sum_end = params[b * 5 + 4];
 const int H = q_shape[1], R = q_shape[2];
 const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
@@ -49,10 +53,10 @@ __shared__ float tg_l[NW];
 
 for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
-  int lo = 0, hi = params[4], skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
   if (text) {
-    lo = params[0] + x * split_len;
-    hi = min(params[1], lo + split_len);
+    lo = start + x * split_len;
+    hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
   }
@@ -137,7 +141,7 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
 const int d = threadIdx.x;
 const int r = blockIdx.y;
 const int bh = blockIdx.z;
-const int n_splits = params[2];
+const int n_splits = params[2];  // the same in every row
 const int P = part_ml_shape[2];
 const int R = P - n_splits + 1;
 const int p0 = r == 0 ? 0 : n_splits + r - 1;

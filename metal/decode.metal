@@ -10,6 +10,11 @@
 // slots [0, S + k), where summary j sees scratch slots 0..j
 // (visibility.summary_mask).
 //
+// Batch rows may sit at different chunk phases (BatchKSACache): each row has
+// its own [start, end). The launch cuts the longest range into n_splits
+// splits of split_len keys; a row's splits past its own end are empty and
+// merge with weight 0 (split 0 always holds the text token's own key).
+//
 // Flash decoding: pass 1 ("partial") cuts the text range into splits; one
 // threadgroup per (split, KV head, batch row) covers the G = H / Hkv query
 // heads of that KV head, so K/V are read once per KV head. One extra
@@ -17,7 +22,8 @@
 // unnormalized output with its running max and sum; pass 2 ("reduce") merges
 // the text splits and normalizes every row.
 //
-// params: [start, end, n_splits, split_len, S + k].
+// params: [B, 5], one row per batch row: [start, end, n_splits, split_len,
+// S + k]; n_splits and split_len are the launch's, the same in every row.
 
 //// header
 // Finite stand-in for -inf: empty simdgroups merge with weight exp2(-huge) = 0
@@ -41,7 +47,10 @@ const int b = threadgroup_position_in_grid.z;
 const int sg = simdgroup_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int tid = thread_position_in_threadgroup.x;
-const int n_splits = params[2], split_len = params[3];
+// This batch row's parameters (read by index: MLX puts small inputs in
+// constant memory, larger ones in device memory).
+const int start = params[b * 5], end = params[b * 5 + 1];
+const int n_splits = params[b * 5 + 2], split_len = params[b * 5 + 3], sum_end = params[b * 5 + 4];
 const int H = q_shape[1], R = q_shape[2];
 const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
@@ -53,10 +62,10 @@ threadgroup float tg_l[NW];
 
 for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
-  int lo = 0, hi = params[4], skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
   if (text) {
-    lo = params[0] + x * split_len;
-    hi = min(params[1], lo + split_len);
+    lo = start + x * split_len;
+    hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
   }
@@ -130,7 +139,7 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
 const int d = thread_position_in_threadgroup.x;
 const int r = threadgroup_position_in_grid.y;
 const int bh = threadgroup_position_in_grid.z;
-const int n_splits = params[2];
+const int n_splits = params[2];  // the same in every row
 const int P = part_ml_shape[2];
 const int R = P - n_splits + 1;
 const int p0 = r == 0 ? 0 : n_splits + r - 1;

@@ -31,6 +31,8 @@ slot. That lets `QuantizedKSACache` keep the same layout quantized
 (`to_quantized`, mlx-lm's --kv-bits) without ever re-quantizing a token.
 """
 
+import copy
+
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
 import numpy as np
@@ -43,6 +45,9 @@ from .kernels import decode as decode_kernel
 
 class KSACache(_BaseCache):
     step = 256  # growth of the ring and the summary region, in slots
+    # The batch rows this cache's reads and writes touch: all of its buffer,
+    # or its own row of a buffer a BatchKSACache shares among its sequences.
+    _row = slice(None)
 
     def __init__(self, chunk, summaries, window, keep_summaries=True):
         self.chunk, self.summaries, self.window = chunk, summaries, window
@@ -115,10 +120,13 @@ class KSACache(_BaseCache):
 
     def _read(self, buf, index):
         """Dense keys or values of buf at slot index (a slice)."""
-        return self._decode(tuple(x[:, :, index] for x in self._parts(buf)))
+        return self._decode(tuple(x[self._row, :, index] for x in self._parts(buf)))
 
     def _reserve(self, ring_chunks, summary_slots, like=None):
-        """Allocates (like: the first keys) or grows the buffers, keeping what they hold."""
+        """Allocates (like: the first keys) or grows the buffers, keeping what they hold.
+
+        Growth applies to every row of the buffer: rows a BatchKSACache shares
+        keep one region layout."""
         ring_chunks = min(self.window, ring_chunks)
         if not self.keep_summaries:
             summary_slots = 0
@@ -131,10 +139,10 @@ class KSACache(_BaseCache):
         grow_ring = max(1, step // k)
         ring_chunks = min(self.window, -(-ring_chunks // grow_ring) * grow_ring)
         summary_slots = -(-summary_slots // step) * step
-        kept = self.flushed * self.summaries if self.keep_summaries else 0
 
         def grown(x):
             zeros = lambda n: mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype)
+            kept = x.shape[2] - self._sum0 - k  # the whole summary region: rows fill it unevenly
             return mx.concatenate([
                 x[:, :, : self._sum0], zeros((ring_chunks - self.ring_chunks) * k),
                 x[:, :, self._sum0 : self._sum0 + kept], zeros(summary_slots - kept), x[:, :, -k:],
@@ -158,13 +166,13 @@ class KSACache(_BaseCache):
         # move as stored, so a quantized cache never quantizes twice.
         src, dst = (mx.array(np.concatenate(x).astype(np.int32)) for x in (src, dst))
         for x in self._parts(self.keys) + self._parts(self.values):
-            x[:, :, dst] = x[:, :, src]
+            x[self._row, :, dst] = x[self._row, :, src]
 
     def _write(self, a, keys, values):
         """Stores new dense keys and values at slots a, a+1, ..."""
         for buf, new in ((self.keys, keys), (self.values, values)):
             for x, part in zip(self._parts(buf), self._encode(new)):
-                x[:, :, a : a + new.shape[2]] = part
+                x[self._row, :, a : a + new.shape[2]] = part
 
     def _write_ring(self, t, keys, values):
         """Writes the text of tokens t, t+1, ... (at most W chunks) into the ring,
@@ -297,21 +305,27 @@ class KSACache(_BaseCache):
         which the range's end selects); the summary queries see
         [scratch | chunk] = [0, sum_end).
         """
-        t = self.offset
-        self._check_reach(t)
-        if self.keys is None:
-            self._reserve(0, 0, keys)
-        self._flush()
-        k, S, W = self.chunk, self.summaries, self.window
-        c, f = divmod(t, k)
-        start = S + k - 1 - f
+        start, end, sum_end = self._decode_slots(keys)
         self._write(start, keys[:, :, :1], values[:, :, :1])
         if keys.shape[2] > 1:
             self._write(0, keys[:, :, 1:], values[:, :, 1:])
+        return start, end, sum_end
+
+    def _decode_slots(self, like):
+        """Readies the buffer for the decode step of the next token and counts
+        that token in; returns the step's (start, end, sum_end), the text
+        token's key going to slot start and the summaries' to scratch."""
+        t = self.offset
+        self._check_reach(t)
+        if self.keys is None:
+            self._reserve(0, 0, like)
+        self._flush()
+        k, S, W = self.chunk, self.summaries, self.window
+        c, f = divmod(t, k)
         self.offset = t + 1
         n_sum = visibility.summary_prefix(t, k, S, W)
         end = self._sum0 + n_sum if n_sum else self._ring0 + min(c, W) * k
-        return start, end, S + k
+        return S + k - 1 - f, end, S + k
 
     # -- trimming ------------------------------------------------------------
     def trimmable(self):
@@ -463,13 +477,21 @@ class BatchKSACache(_BaseCache):
     extract) over one KSACache per sequence.
 
     Sequences of a batch sit at different chunk phases: they complete chunks,
-    and so gain summary tokens, at different steps. `Model` runs each row
-    through its own caches, which computes exactly what the sequence would
-    alone; the rows are not fused into one batched attention yet.
+    and so gain summary tokens, at different steps. Blocks of new tokens
+    (padded prompts) run row by row, each through its own caches (`Model`).
+    Decode steps run all rows at once (`decode`): the rows then share one
+    buffer [B, Hkv, slots, D] in one region layout, each row's KSACache
+    keeping its own counters and touching only its row of it (`_row`), so
+    every slot range, flush and trim is the one-sequence code. All rows
+    compute their text token, and S summary queries when any row completes a
+    chunk: the summaries of a row that completes none land in its scratch,
+    which nothing reads before its next completion overwrites it, and their
+    outputs are dropped.
     """
 
     def __init__(self, rows):
         self.rows = list(rows)
+        self.keys = self.values = None  # the buffers the rows share, once a decode step packed them
         self.spans = None  # (first, end) input columns of each row's real tokens
         self.column = 0  # input columns consumed since `prepare`
 
@@ -495,18 +517,91 @@ class BatchKSACache(_BaseCache):
             out.append((lo - a, max(0, hi - lo)))
         return out
 
+    # -- decode steps of all rows at once ------------------------------------
+    def fusable(self):
+        """Whether the rows can share one buffer: unquantized caches of one layout."""
+        layouts = {(c.chunk, c.summaries, c.window, c.keep_summaries) for c in self.rows}
+        return len(layouts) == 1 and all(type(c) is KSACache for c in self.rows)
+
+    @property
+    def offset(self):
+        """Text tokens each row has seen."""
+        return np.array([c.offset for c in self.rows])
+
+    def _share(self, keys, values, ring_chunks):
+        self.keys, self.values = keys, values
+        for b, c in enumerate(self.rows):
+            c.keys, c.values, c.ring_chunks, c._row = keys, values, ring_chunks, slice(b, b + 1)
+
+    def _pack(self, like):
+        """Moves the rows' buffers into one (like: this step's keys, for rows with none yet)."""
+        if self.keys is not None:
+            return
+        for c in self.rows:
+            if c.keys is None:
+                c._reserve(0, 0, like[:1])
+        # The largest ring and summary region of any row: sizes are already
+        # multiples of the growth steps, so every row grows to exactly these.
+        ring = max(c.ring_chunks for c in self.rows)
+        summary_slots = max(c._summary_slots() for c in self.rows)
+        for c in self.rows:
+            c._reserve(ring, summary_slots)
+        self._share(mx.concatenate([c.keys for c in self.rows]),
+                    mx.concatenate([c.values for c in self.rows]), ring)
+
+    def unpack(self):
+        """Gives every row its own buffer again, for blocks of tokens run row by row."""
+        if self.keys is None:
+            return
+        for b, c in enumerate(self.rows):
+            c.keys, c.values, c._row = self.keys[b : b + 1], self.values[b : b + 1], slice(None)
+        self.keys = self.values = None
+
+    def store_decode(self, keys, values):
+        """KSACache.store_decode for every row; start, end and sum_end come
+        back as arrays, one entry per row."""
+        self._pack(keys)
+        ranges = []
+        for c in self.rows:
+            ranges.append(c._decode_slots(keys))
+            if c.keys is not self.keys:  # its flush grew the buffer, every row's part of it
+                self._share(c.keys, c.values, c.ring_chunks)
+        start, end, sum_end = np.array(ranges).T
+        rows, slots = mx.arange(len(self.rows)), mx.array(start)
+        for buf, new in ((self.keys, keys), (self.values, values)):
+            buf[rows, :, slots] = new[:, :, 0]
+            if new.shape[2] > 1:
+                buf[:, :, : new.shape[2] - 1] = new[:, :, 1:]
+        return start, end, sum_end
+
+    # One sequence's decode step, over the shared buffer with per-row ranges.
+    decode = KSACache.decode
+
+    # -- the rest of the protocol ------------------------------------------
     def filter(self, batch_indices):
         self.rows = [self.rows[i] for i in batch_indices]
         if self.spans is not None:
             self.spans = [self.spans[i] for i in batch_indices]
+        if self.keys is not None and self.rows:
+            index = mx.array(batch_indices, dtype=mx.int32)
+            self._share(self.keys[index], self.values[index], self.rows[0].ring_chunks)
 
     def extend(self, other):
         if (self.spans, other.spans) != (None, None):
             raise ValueError("cannot extend a batch in the middle of a padded prompt")
+        # Rows of two layouts: the next decode step packs them anew.
+        self.unpack()
+        other.unpack()
         self.rows += other.rows
 
     def extract(self, idx):
-        return self.rows[idx]
+        c = self.rows[idx]
+        if self.keys is None:
+            return c
+        # A cache of its own: the batch may go on without this sequence.
+        out = copy.copy(c)
+        out.keys, out.values, out._row = self.keys[idx : idx + 1], self.values[idx : idx + 1], slice(None)
+        return out
 
     @property
     def state(self):
@@ -520,6 +615,8 @@ class BatchKSACache(_BaseCache):
 
     @property
     def nbytes(self):
+        if self.keys is not None:
+            return self.keys.nbytes + self.values.nbytes
         return sum(c.nbytes for c in self.rows)
 
 
@@ -528,8 +625,16 @@ def decode_reference(q, keys, values, start, end, sum_end, scale):
 
     Row 0 of q sees slots [start, end); rows 1..S, the summaries of a
     completing chunk, see [scratch S | chunk] = [0, sum_end) under
-    `visibility.summary_mask`.
+    `visibility.summary_mask`. start, end and sum_end are ints, or arrays
+    with one entry per batch row (a BatchKSACache step): each row then runs
+    as a sequence of its own.
     """
+    if np.ndim(start):
+        return mx.concatenate([
+            decode_reference(q[b : b + 1], keys[b : b + 1], values[b : b + 1],
+                             int(start[b]), int(end[b]), int(sum_end[b]), scale)
+            for b in range(q.shape[0])
+        ])
     sdpa = mx.fast.scaled_dot_product_attention
     out = sdpa(q[:, :, :1], keys[:, :, start:end], values[:, :, start:end], scale=scale)
     S = q.shape[2] - 1

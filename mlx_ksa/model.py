@@ -114,9 +114,9 @@ class ModelArgs(BaseModelArgs):
 @dataclass
 class Step:
     """What every layer needs to know about the current call."""
-    t0: int  # text index of the first new text token
+    t0: Any  # text index of the first new text token (one per row in a batch decode step)
     n: int  # new text tokens
-    cos: mx.array
+    cos: mx.array  # [1 or B, 1, L, D]: per batch row in a batch decode step
     sin: mx.array
 
 
@@ -224,13 +224,20 @@ class KSAModel(nn.Module):
         args, layout = self.args, self.args.layout
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         B, n = h.shape[:2]
+        # A BatchKSACache's decode step gives one offset per row: rows sit at
+        # their own positions, and every row gets the summary tokens when any
+        # row completes a chunk (see BatchKSACache).
         t0 = cache[0].offset if cache is not None else 0
-        c0, m = layout.completed_chunks(t0, n)
+        starts = np.atleast_1d(t0)
+        c0, m = layout.completed_chunks(starts, n)
+        m = int(m.max())
         if m and layout.summaries:
             summaries = mx.tile(self.summary_embedding.astype(h.dtype), (m, 1))
             h = mx.concatenate([h, mx.broadcast_to(summaries, (B, *summaries.shape))], axis=1)
-        positions = np.concatenate([layout.text_positions(t0, n), layout.summary_positions(c0, m)])
-        cos, sin = rope_cos_sin(positions, args.head_dim, args.rope_theta, h.dtype)
+        positions = np.stack([np.concatenate([layout.text_positions(t, n), layout.summary_positions(c, m)])
+                              for t, c in zip(starts, c0)])
+        cos, sin = rope_cos_sin(positions.reshape(-1), args.head_dim, args.rope_theta, h.dtype)
+        cos, sin = (x.reshape(*positions.shape, -1)[:, None] for x in (cos, sin))
         step = Step(t0, n, cos, sin)
         for i, layer in enumerate(self.layers):
             h = layer(h, step, cache[i] if cache is not None else None)
@@ -248,17 +255,25 @@ class Model(nn.Module):
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
         if cache is not None and isinstance(cache[0], BatchKSACache):
-            return self._rows(inputs, cache, input_embeddings)
-        h = self.model(inputs, cache, input_embeddings)
+            return self._batch(inputs, cache, input_embeddings)
+        return self._logits(self.model(inputs, cache, input_embeddings))
+
+    def _logits(self, h):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)[..., : self.args.text_vocab]
         return self.lm_head(h)
 
-    def _rows(self, inputs, cache, input_embeddings):
-        """A batch under mlx-lm's batching: each row, at its own chunk phase,
-        runs its real tokens through its own caches; padding gets zero logits."""
+    def _batch(self, inputs, cache, input_embeddings):
+        """A batch under mlx-lm's batching. A decode step (one real token in
+        every row) runs all rows at once. Blocks of tokens run row by row,
+        each row's real tokens through its own caches at its own chunk phase;
+        padding gets zero logits."""
         L = inputs.shape[1]
         spans = [c.take(L) for c in cache][0]
+        if all(s == (0, 1) for s in spans) and all(c.fusable() for c in cache):
+            return self._logits(self.model(inputs, cache, input_embeddings))
+        for c in cache:
+            c.unpack()
         out = []
         for b, (a, n) in enumerate(spans):
             logits = mx.zeros((1, L, self.args.text_vocab))

@@ -1,7 +1,8 @@
 """The Metal decode kernel, run through the CPU Metal emulator, against the reference.
 
 Cases come from a real KSACache filled to a context below or past the
-window, so the kernel sees the slot ranges the model gives it. The launch is
+window, so the kernel sees the slot ranges the model gives it; batch rows at
+different contexts come from a BatchKSACache step, one range per row. The launch is
 the one `kernels.decode.plan_partial` / `plan_reduce` compute for the GPU.
 `make_case` and `reference` also serve tests/gpu/test_decode_cuda.py.
 """
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlx_ksa import kernels
-from mlx_ksa.cache import KSACache, decode_reference
+from mlx_ksa.cache import BatchKSACache, KSACache, decode_reference
 from mlx_ksa.kernels import decode
 
 TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
@@ -19,15 +20,26 @@ TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
 
 def make_case(B, H, Hkv, D, dtype, k, S, window, t, strided=False, seed=0):
     """A cache holding t text tokens (and their chunks' summaries), then the
-    decode step of token t. Returns (q, keys, values, start, end, sum_end, scale)
-    as `decode.decode_attention` takes them."""
+    decode step of token t. t may be a tuple, one context per batch row
+    (B of them): a BatchKSACache step, with one slot range per row. Returns
+    (q, keys, values, start, end, sum_end, scale) as
+    `decode.decode_attention` takes them."""
     rng = np.random.default_rng(seed)
     arr = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
-    cache = KSACache(k, S, window)
-    cache.context(t, arr(B, Hkv, 1, D))
-    cache.commit(arr(B, Hkv, t, D), arr(B, Hkv, t, D), 0, arr(B, Hkv, t // k * S, D),
-                 arr(B, Hkv, t // k * S, D))
-    R = 1 + S if (t + 1) % k == 0 else 1
+
+    def filled(B, t):
+        cache = KSACache(k, S, window)
+        cache.context(t, arr(B, Hkv, 1, D))
+        cache.commit(arr(B, Hkv, t, D), arr(B, Hkv, t, D), 0, arr(B, Hkv, t // k * S, D),
+                     arr(B, Hkv, t // k * S, D))
+        return cache
+
+    if isinstance(t, tuple):
+        assert len(t) == B
+        cache = BatchKSACache([filled(1, x) for x in t])
+    else:
+        cache = filled(B, t)
+    R = 1 + S if any((x + 1) % k == 0 for x in np.atleast_1d(t)) else 1
     start, end, sum_end = cache.store_decode(arr(B, Hkv, R, D), arr(B, Hkv, R, D))
     keys, values = cache.keys, cache.values
     if strided:
@@ -66,7 +78,9 @@ def check(out, case):
 # (B, H, Hkv, D, dtype, k, S, window, t, strided): GQA 1/4/8, D 64/128, every
 # dtype, S 1/2, contexts inside the window, at its edge and past it (where
 # the text query's range ends in the summaries), steps that complete a chunk
-# (summary rows) and steps that do not, batch 2, strided buffers.
+# (summary rows) and steps that do not, batch 2, strided buffers; batch rows
+# at different contexts (their own ranges; the longest sets the splits, which
+# run past the shorter rows' ends), with and without a row completing a chunk.
 CASES = [
     (1, 2, 2, 64, mx.float32, 4, 1, 3, 5, False),
     (1, 2, 2, 64, mx.float32, 4, 1, 3, 7, False),  # completes a chunk
@@ -74,13 +88,16 @@ CASES = [
     (1, 8, 1, 64, mx.float16, 3, 2, 2, 28, False),  # past the window, S = 2
     (1, 8, 1, 128, mx.float16, 3, 2, 4, 11, True),  # completes, S = 2, strided
     (2, 8, 2, 64, mx.bfloat16, 8, 1, 1, 47, False),  # completes past the window
+    (3, 4, 2, 64, mx.float32, 4, 1, 2, (5, 30, 11), False),  # row 2 completes
+    (4, 8, 1, 128, mx.bfloat16, 3, 2, 1, (2, 0, 40, 19), True),  # row 0 completes, S = 2
+    (2, 4, 4, 64, mx.float16, 8, 1, 1, (3, 100), False),  # none completes
 ]
 
 
 @pytest.mark.parametrize("case_args", CASES, ids=lambda c: "-".join(str(v).split(".")[-1] for v in c))
 def test_metal_kernel_matches_reference(case_args):
     emu = emulator()
-    case = make_case(*case_args, seed=len(case_args) + case_args[8])
+    case = make_case(*case_args, seed=len(case_args) + sum(np.atleast_1d(case_args[8])))
     q, keys, values, start, end, sum_end, scale = case
     partial, reduce = decode.kernels("metal")
     # Small splits, so that a few keys already cross several of them.
@@ -94,7 +111,7 @@ def test_metal_kernel_matches_reference(case_args):
 
 def test_metal_kernel_is_race_free():
     emu = emulator()
-    case = make_case(1, 4, 1, 64, mx.float32, 4, 1, 2, 23, seed=5)
+    case = make_case(2, 4, 1, 64, mx.float32, 4, 1, 2, (23, 6), seed=5)
     launch = decode.plan_partial(*case, split_len=8)
     partial, _ = decode.kernels("metal")
     emu.run_metal_kernel(partial, **launch, sanitizer="thread")

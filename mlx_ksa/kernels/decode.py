@@ -10,6 +10,7 @@ the tests can hand exactly what the real launch gets to the CPU Metal emulator.
 import functools
 
 import mlx.core as mx
+import numpy as np
 
 from . import backend, source
 
@@ -73,16 +74,20 @@ def _scalar(x):
 def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None):
     """Pass-1 launch: queries [B, H, 1 (+S), D], the text query over slots
     [start, end) of keys/values [B, Hkv, slots, D], the summary queries (rows
-    1..S) over [0, sum_end = S + k). Keyword arguments of the kernel call."""
+    1..S) over [0, sum_end = S + k). start, end and sum_end are ints or one
+    per batch row (a BatchKSACache step). Keyword arguments of the kernel call."""
     B, H, R, D = q.shape
     Hkv = keys.shape[1]
-    n = end - start
+    start, end, sum_end = (np.broadcast_to(x, (B,)) for x in (start, end, sum_end))
+    n = int((end - start).max())  # splits cover the longest row's range
     if split_len is None:
         per_head = max(1, TARGET_GROUPS // (B * Hkv))
         split_len = max(MIN_SPLIT, -(-n // per_head))
-    n_splits = -(-n // split_len)  # every split non-empty
+    n_splits = -(-n // split_len)  # the longest row's splits all non-empty
     P = n_splits + R - 1
-    params = mx.array([start, end, n_splits, split_len, sum_end], dtype=mx.int32)
+    shared = np.broadcast_to([n_splits, split_len], (B, 2))
+    # Row-major, as the kernel indexes it (column_stack alone gives column-major).
+    params = mx.array(np.ascontiguousarray(np.column_stack([start, end, shared, sum_end]), dtype=np.int32))
     return dict(
         inputs=[q, keys, values, params, _scalar(scale)],
         output_shapes=[(B, H, P, D), (B, H, P, 2)],

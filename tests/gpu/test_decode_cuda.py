@@ -23,12 +23,15 @@ GPU_CASES = CASES + [
     (1, 32, 8, 128, mx.bfloat16, 8, 1, 128, 20479, True),
     (2, 16, 2, 64, mx.float16, 4, 2, 16, 3002, False),
     (1, 4, 4, 128, mx.float32, 8, 1, 2100, 9000, False),  # one whole-context layer
+    # Batch rows far apart: most of the long row's splits lie past the short rows' ends.
+    (8, 32, 8, 128, mx.bfloat16, 8, 1, 128, (7, 100, 1023, 1500, 5000, 20479, 31, 2047), True),
+    (3, 16, 2, 64, mx.float16, 4, 2, 16, (3002, 11, 455), False),
 ]
 
 
 @pytest.mark.parametrize("case_args", GPU_CASES, ids=lambda c: "-".join(str(v).split(".")[-1] for v in c))
 def test_cuda_kernel_matches_reference(case_args):
-    case = make_case(*case_args, seed=case_args[8])
+    case = make_case(*case_args, seed=sum(np.atleast_1d(case_args[8])))
     out = decode.decode_attention(*case)
     assert out is not None
     check(out, case)
@@ -88,6 +91,44 @@ def test_model_with_kernels_equals_cpu_reference(dtype, tol, monkeypatch):
                         lambda *a: served.append(1) or kernel(*a))
     got = run(model, prompt, tokens[:-1], mx.gpu)
     assert len(served) == 4 * len(tokens[:-1])  # every layer, every step, on the kernel
+    assert np.abs(got - expected).max() <= tol * max(1.0, np.abs(expected).max())
+    if dtype == mx.float32:
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-3), (mx.bfloat16, 0.25)])
+def test_batched_decode_with_kernels_equals_rows_alone(dtype, tol, monkeypatch):
+    """BatchKSACache decode steps on the GPU (one kernel launch per layer,
+    a slot range per row) against each sequence decoded alone on the CPU
+    reference path; rows at every chunk phase, past the windows."""
+    model = tiny_model(dtype)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 96, n).tolist() for n in (1, 6, 13, 37, 50)]
+    steps = rng.integers(0, 96, (30, len(prompts)))
+
+    def prefilled(prompt):
+        cache = model.make_cache()
+        model(mx.array(prompt)[None], cache=cache)
+        return cache
+
+    mx.set_default_device(mx.cpu)
+    try:
+        alone = [prefilled(p) for p in prompts]
+        expected = np.stack([
+            [np.array(model(mx.array([[int(t)]]), cache=c)[0, -1].astype(mx.float32)) for c, t in zip(alone, step)]
+            for step in steps])
+    finally:
+        mx.set_default_device(mx.gpu)
+
+    batched = []  # kernel calls with one range per row
+    kernel = decode.decode_attention
+    monkeypatch.setattr(cache_module.decode_kernel, "decode_attention",
+                        lambda *a: batched.append(np.ndim(a[3]) == 1) or kernel(*a))
+    caches = [prefilled(p) for p in prompts]
+    batch = [cache_module.KSACache.merge([c[i] for c in caches]) for i in range(len(caches[0]))]
+    got = np.stack([np.array(model(mx.array(step)[:, None], cache=batch)[:, -1].astype(mx.float32))
+                    for step in steps])
+    assert sum(batched) == 4 * len(steps)  # every layer, every step
     assert np.abs(got - expected).max() <= tol * max(1.0, np.abs(expected).max())
     if dtype == mx.float32:
         assert (got.argmax(-1) == expected.argmax(-1)).all()
