@@ -17,6 +17,11 @@ Sections:
            tokens/s, decode tokens/s (caches filled with random K/V: decode
            speed does not depend on the values, and no long prefill is needed),
            KV bytes.
+  batch    decode steps of the whole model (the model section's shapes, KV
+           caches filled with random K/V) for 8 sequences of mixed lengths,
+           at different chunk phases: all rows together (BatchKSACache, one
+           fused step per layer) against the same sequences decoded one at a
+           time; aggregate tokens/s.
   train    training steps (forward, backward, AdamW) of a small model in the
            KSA-4B-base layer mix vs the same shapes dense (mlx-lm's qwen3):
            tokens/s at each sequence length.
@@ -41,7 +46,7 @@ from .kernels import backend
 from .kernels import decode as decode_kernel
 from .layout import Layout
 
-SECTIONS = ("prefill", "decode", "model", "train", "cpu")
+SECTIONS = ("prefill", "decode", "model", "batch", "train", "cpu")
 # Full and --quick sizes. The layer shapes are KSA-4B-base's.
 FULL = dict(
     layer=dict(H=32, Hkv=8, D=128, k=8, S=1, W=128),
@@ -51,6 +56,8 @@ FULL = dict(
                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                vocab_size=151937, windows="([128]*3+[16768]*1)*9"),
     model_prefill=[16384, 65536], model_decode=[16384, 65536, 131072], decode_steps=20,
+    # + i: every sequence at another chunk phase.
+    batch_contexts=[n + i for i, n in enumerate([512, 1024, 2048, 4096, 8192, 12288, 16384, 20480])],
     train=dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=3072,
                num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                vocab_size=32001, windows="([128]*3+[2048])*3"),
@@ -64,6 +71,7 @@ QUICK = dict(
                num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                vocab_size=257, windows="[4]*3+[64]"),
     model_prefill=[128], model_decode=[128], decode_steps=3,
+    batch_contexts=[n + i for i, n in enumerate([8, 16, 24, 32, 48, 64, 96, 128])],
     train=dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
                num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                vocab_size=257, windows="[4]*3+[64]"),
@@ -267,20 +275,47 @@ def bench_model(cfg, dtype=mx.bfloat16):
         for T in cfg["model_decode"]:
             caches = fill_caches(kind, model, T, max_context, keys, values)
             mx.eval([c.state for c in caches])
-            token = mx.array([[1]])
-            times = []
-            for i in range(steps + 3):
-                t = time.perf_counter()
-                mx.eval(model(token, cache=caches))
-                mx.synchronize()
-                if i >= 3:
-                    times.append(time.perf_counter() - t)
             row = rows.setdefault(("decode", T), {})
-            row[kind] = 1 / statistics.median(times)
+            row[kind] = 1 / step_seconds(model, caches, 1, steps)
             row[kind + "_kv_bytes"] = sum(c.nbytes for c in caches)
             del caches
         del model
     return [dict(phase=p, tokens=n, **v) for (p, n), v in rows.items()]
+
+
+def step_seconds(model, caches, B, steps):
+    """Median seconds of one decode step of B sequences, after 3 warmup steps
+    (a batch's first step also packs its rows into one buffer)."""
+    token = mx.ones((B, 1), mx.int32)
+    times = []
+    for i in range(steps + 3):
+        t = time.perf_counter()
+        mx.eval(model(token, cache=caches))
+        mx.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_batch(cfg, dtype=mx.bfloat16):
+    from .cache import KSACache
+
+    contexts, steps = cfg["batch_contexts"], cfg["decode_steps"]
+    max_context = max(contexts) + 2 * (steps + 3) + 8
+    args, _ = model_args(cfg, max_context)
+    M = cfg["model"]
+    Hkv, D = M["num_key_value_heads"], M["head_dim"]
+    model = build("ksa", args, dtype)
+    keys, values = randn(1, Hkv, max(contexts), D, dtype=dtype), randn(1, Hkv, max(contexts), D, dtype=dtype)
+    seqs = [fill_caches("ksa", model, T, max_context, keys, values) for T in contexts]
+    mx.eval([c.state for cs in seqs for c in cs])
+    # One at a time first: merging hands the caches to the batch.
+    alone = sum(step_seconds(model, cs, 1, steps) for cs in seqs)
+    batch = [KSACache.merge([cs[i] for cs in seqs]) for i in range(len(seqs[0]))]
+    together = step_seconds(model, batch, len(seqs), steps)
+    return dict(contexts=contexts, batch=len(seqs), batched_tokens_per_s=len(seqs) / together,
+                one_at_a_time_tokens_per_s=len(seqs) / alone, speedup=alone / together,
+                kv_bytes=sum(c.nbytes for c in batch), backend=backend() or "cpu")
 
 
 def bench_train(cfg, dtype=mx.bfloat16):
@@ -373,6 +408,13 @@ def markdown(results, only=None):
                       [(r["phase"], r["tokens"], r["ksa"], r["dense"], r["ksa"] / r["dense"],
                         r.get("ksa_kv_bytes", 0) / 1e9 or None, r.get("dense_kv_bytes", 0) / 1e9 or None)
                        for r in results["model"]])]
+    if "batch" in results:
+        b = results["batch"]
+        out += ["", f"### Batched decode, whole model: {b['batch']} sequences of mixed lengths "
+                    f"(aggregate tokens/s; {b['backend']})",
+                table(["contexts", "batched", "one at a time", "batched / one at a time", "KV GB (batch)"],
+                      [(" ".join(map(str, b["contexts"])), b["batched_tokens_per_s"],
+                        b["one_at_a_time_tokens_per_s"], b["speedup"], b["kv_bytes"] / 1e9)])]
     if "train" in results:
         out += ["", "### Training, small model (tokens/s; forward + backward + AdamW, one sequence per step)",
                 table(["sequence", "KSA", "dense", "KSA / dense"],
@@ -423,7 +465,7 @@ def main(argv=None):
         results["notes"].append(f"model vocabulary {cfg['model']['vocab_size']} "
                                 f"(KSA-4B-base: {FULL['model']['vocab_size']})")
     run = {"prefill": bench_prefill, "decode": bench_decode, "model": bench_model,
-           "train": bench_train, "cpu": bench_cpu}
+           "batch": bench_batch, "train": bench_train, "cpu": bench_cpu}
     print(markdown({k: v for k, v in results.items() if k != "notes"} | {"notes": []}), flush=True)
     for name in SECTIONS:
         if name not in sections:

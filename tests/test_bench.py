@@ -20,7 +20,10 @@ def test_quick_bench_on_cpu(tmp_path, capsys):
     assert set(bench.SECTIONS) <= set(results)
     assert results["prefill"][0]["visible_entries"] == bench.visible_entries(256, 8, 1, 4)
     assert all(r["ksa"] > 0 and r["dense"] > 0 for r in results["model"] + results["train"])
-    assert "### Decode attention" in capsys.readouterr().out
+    batch = results["batch"]
+    assert batch["batch"] == 8 and batch["batched_tokens_per_s"] > 0 and batch["one_at_a_time_tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "### Decode attention" in out and "### Batched decode" in out
 
 
 def test_visible_entries_count_the_predicate():
