@@ -85,6 +85,26 @@ def test_cli_smoke_run(tmp_path, capsys):
     assert "| length |" in capsys.readouterr().out
 
 
+def test_smoke_run_on_the_shipped_model(tmp_path):
+    """The CI-sized eval of the default model: passkeys 4x past its largest
+    window, scored from the model's own answers."""
+    from mlx_ksa.generate import DEFAULT_MODEL
+
+    out = tmp_path / "r.json"
+    assert E.main(["--model", str(DEFAULT_MODEL), "--tasks", "passkey", "--lengths", "256",
+                   "--depths", "0", "0.5", "--trials", "2", "--seed", "1234", "--max-tokens", "8",
+                   "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 4
+    for r in rows:  # exact match of the one key, read off the model's own text
+        assert r["score"] == float(re.search(r"\d+", r["prediction"] or "x") is not None
+                                   and re.search(r"\d+", r["prediction"]).group() == r["answers"][0])
+    for depth, mean in result["summary"]["passkey"]["256"].items():
+        assert mean == pytest.approx(np.mean([r["score"] for r in rows if r["depth"] == float(depth)]))
+    assert any(r["score"] for r in rows)  # it does retrieve: the shipped model is not noise
+
+
 def test_cli_rejects_bad_depth(tmp_path, capsys):
     path, *_ = tiny_checkpoint(tmp_path / "m")
     assert E.main(["--model", str(path), "--depths", "1.5"]) == 1
