@@ -32,7 +32,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, stream_generate, str2bool
-from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import KSACache
@@ -189,8 +189,8 @@ def load_draft_model(spec, tokenizer):
 
 # -- KV cache statistics --------------------------------------------------------
 def kv_cache_stats(model, cache):
-    """(text tokens, bytes the KSA cache holds, bytes a dense KV cache of the
-    same model shape and dtype would hold for those tokens)."""
+    """(text tokens, bytes the KSA cache holds, bytes mlx-lm's dense KVCache
+    of the same model shape and dtype would hold for those tokens)."""
     cache = cache[: len(model.layers)]  # a draft model's caches follow the model's
     tokens = cache[0].offset if cache else 0
     nbytes = sum(c.nbytes for c in cache)
@@ -201,15 +201,17 @@ def kv_cache_stats(model, cache):
     batch = keys.shape[0] if keys is not None else 1
     # The heads this process holds: a sharded model keeps 1/N of them.
     heads = sum(layer.self_attn.n_kv_heads for layer in model.layers)
-    dense = 2 * heads * model.args.head_dim * tokens * itemsize * batch
+    # Like for like: nbytes counts growth steps, and mlx-lm's dense KVCache grows in steps too.
+    slots = -(-tokens // KVCache.step) * KVCache.step
+    dense = 2 * heads * model.args.head_dim * slots * itemsize * batch
     return tokens, nbytes, dense
 
 
 def format_kv_stats(model, cache):
     tokens, ksa, dense = kv_cache_stats(model, cache)
     ratio = f" ({dense / ksa:.2f}x the KSA cache)" if ksa else ""
-    # nbytes is what the buffers hold, growth steps included: short contexts
-    # pay for the fixed window first, long ones gain ~k/S on most layers.
+    # Both are what the buffers hold, growth steps included: short contexts
+    # pay for KSA's fixed regions first, long ones gain ~k/S on most layers.
     return (f"KV cache: {ksa / 1e6:.3f} MB for {tokens} tokens; "
             f"a dense model of this shape: {dense / 1e6:.3f} MB{ratio}")
 
