@@ -32,6 +32,7 @@ slot. That lets `QuantizedKSACache` keep the same layout quantized
 """
 
 import copy
+import functools
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
@@ -440,19 +441,9 @@ class QuantizedKSACache(KSACache):
         return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
 
     def decode(self, q, keys, values, scale):
-        start, end, sum_end = self.store_decode(keys, values)
-
-        def attend(rows, a, b, mask=None):
-            kv = [tuple(x[:, :, a:b] for x in buf) for buf in (self.keys, self.values)]
-            return quantized_scaled_dot_product_attention(
-                q[:, :, rows], *kv, scale=scale, mask=mask, group_size=self.group_size, bits=self.bits)
-
-        out = attend(slice(0, 1), start, end)
-        S = q.shape[2] - 1
-        if S:  # as decode_reference
-            mask = mx.array(visibility.summary_mask(sum_end - S, S))
-            out = mx.concatenate([out, attend(slice(1, None), 0, sum_end, mask)], axis=2)
-        return out
+        sdpa = functools.partial(quantized_scaled_dot_product_attention, group_size=self.group_size,
+                                 bits=self.bits)
+        return decode_reference(q, self.keys, self.values, *self.store_decode(keys, values), scale, sdpa)
 
     def to_quantized(self, group_size=64, bits=4):
         # mlx-lm asks again at every step once the cache qualifies.
@@ -620,14 +611,15 @@ class BatchKSACache(_BaseCache):
         return sum(c.nbytes for c in self.rows)
 
 
-def decode_reference(q, keys, values, start, end, sum_end, scale):
+def decode_reference(q, keys, values, start, end, sum_end, scale, sdpa=mx.fast.scaled_dot_product_attention):
     """SDPA over slices of the cache buffer: what `kernels.decode` computes.
 
     Row 0 of q sees slots [start, end); rows 1..S, the summaries of a
     completing chunk, see [scratch S | chunk] = [0, sum_end) under
     `visibility.summary_mask`. start, end and sum_end are ints, or arrays
     with one entry per batch row (a BatchKSACache step): each row then runs
-    as a sequence of its own.
+    as a sequence of its own. keys and values may be a quantized buffer's
+    parts, with the matching `sdpa` (QuantizedKSACache).
     """
     if np.ndim(start):
         return mx.concatenate([
@@ -635,12 +627,12 @@ def decode_reference(q, keys, values, start, end, sum_end, scale):
                              int(start[b]), int(end[b]), int(sum_end[b]), scale)
             for b in range(q.shape[0])
         ])
-    sdpa = mx.fast.scaled_dot_product_attention
-    out = sdpa(q[:, :, :1], keys[:, :, start:end], values[:, :, start:end], scale=scale)
+    slots = lambda buf, a, b: tuple(x[:, :, a:b] for x in buf) if isinstance(buf, tuple) else buf[:, :, a:b]
+    out = sdpa(q[:, :, :1], slots(keys, start, end), slots(values, start, end), scale=scale, mask=None)
     S = q.shape[2] - 1
     if S:
         mask = mx.array(visibility.summary_mask(sum_end - S, S))
-        out_sum = sdpa(q[:, :, 1:], keys[:, :, :sum_end], values[:, :, :sum_end], scale=scale, mask=mask)
+        out_sum = sdpa(q[:, :, 1:], slots(keys, 0, sum_end), slots(values, 0, sum_end), scale=scale, mask=mask)
         out = mx.concatenate([out, out_sum], axis=2)
     return out
 
