@@ -22,6 +22,9 @@ Sections:
            at different chunk phases: all rows together (BatchKSACache, one
            fused step per layer) against the same sequences decoded one at a
            time; aggregate tokens/s.
+  kvbits   decode steps of the whole model (the model section's shapes) at one
+           context with the KSA caches in 16-bit and quantized to 8 and 4 bits
+           (QuantizedKSACache): tokens/s and KV bytes.
   train    training steps (forward, backward, AdamW) of a small model in the
            KSA-4B-base layer mix vs the same shapes dense (mlx-lm's qwen3):
            tokens/s at each sequence length.
@@ -46,7 +49,7 @@ from .kernels import backend
 from .kernels import decode as decode_kernel
 from .layout import Layout
 
-SECTIONS = ("prefill", "decode", "model", "batch", "train", "cpu")
+SECTIONS = ("prefill", "decode", "model", "batch", "kvbits", "train", "cpu")
 # Full and --quick sizes. The layer shapes are KSA-4B-base's.
 FULL = dict(
     layer=dict(H=32, Hkv=8, D=128, k=8, S=1, W=128),
@@ -58,6 +61,7 @@ FULL = dict(
     model_prefill=[16384, 65536], model_decode=[16384, 65536, 131072], decode_steps=20,
     # + i: every sequence at another chunk phase.
     batch_contexts=[n + i for i, n in enumerate([512, 1024, 2048, 4096, 8192, 12288, 16384, 20480])],
+    kvbits_context=65536, kv_bits=[8, 4],
     train=dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=3072,
                num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                vocab_size=32001, windows="([128]*3+[2048])*3"),
@@ -72,6 +76,7 @@ QUICK = dict(
                vocab_size=257, windows="[4]*3+[64]"),
     model_prefill=[128], model_decode=[128], decode_steps=3,
     batch_contexts=[n + i for i, n in enumerate([8, 16, 24, 32, 48, 64, 96, 128])],
+    kvbits_context=128, kv_bits=[8, 4],
     train=dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
                num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                vocab_size=257, windows="[4]*3+[64]"),
@@ -318,6 +323,26 @@ def bench_batch(cfg, dtype=mx.bfloat16):
                 kv_bytes=sum(c.nbytes for c in batch), backend=backend() or "cpu")
 
 
+def bench_kvbits(cfg, dtype=mx.bfloat16):
+    T, steps = cfg["kvbits_context"], cfg["decode_steps"]
+    max_context = T + steps + 8
+    args, _ = model_args(cfg, max_context)
+    M = cfg["model"]
+    model = build("ksa", args, dtype)
+    keys, values = (randn(1, M["num_key_value_heads"], T, M["head_dim"], dtype=dtype) for _ in range(2))
+    rows = []
+    for bits in [None, *cfg["kv_bits"]]:
+        caches = fill_caches("ksa", model, T, max_context, keys, values)
+        if bits:
+            caches = [c.to_quantized(group_size=64, bits=bits) for c in caches]
+        mx.eval([c.state for c in caches])
+        rows.append(dict(bits=bits or mx.finfo(dtype).bits, context=T,
+                         tokens_per_s=1 / step_seconds(model, caches, 1, steps),
+                         kv_bytes=sum(c.nbytes for c in caches)))
+        del caches
+    return rows
+
+
 def bench_train(cfg, dtype=mx.bfloat16):
     """Training tokens/s, one sequence per step (the layout of long-context training)."""
     import mlx.nn as nn
@@ -415,6 +440,12 @@ def markdown(results, only=None):
                 table(["contexts", "batched", "one at a time", "batched / one at a time", "KV GB (batch)"],
                       [(" ".join(map(str, b["contexts"])), b["batched_tokens_per_s"],
                         b["one_at_a_time_tokens_per_s"], b["speedup"], b["kv_bytes"] / 1e9)])]
+    if "kvbits" in results:
+        r0 = results["kvbits"][0]
+        out += ["", f"### Quantized KV cache, whole model decode at {r0['context']} tokens (tokens/s; KV GB)",
+                table(["KV bits", "tokens/s", "vs 16-bit", "KV GB", "vs 16-bit"],
+                      [(r["bits"], r["tokens_per_s"], r["tokens_per_s"] / r0["tokens_per_s"], r["kv_bytes"] / 1e9,
+                        r["kv_bytes"] / r0["kv_bytes"]) for r in results["kvbits"]])]
     if "train" in results:
         out += ["", "### Training, small model (tokens/s; forward + backward + AdamW, one sequence per step)",
                 table(["sequence", "KSA", "dense", "KSA / dense"],
@@ -465,7 +496,7 @@ def main(argv=None):
         results["notes"].append(f"model vocabulary {cfg['model']['vocab_size']} "
                                 f"(KSA-4B-base: {FULL['model']['vocab_size']})")
     run = {"prefill": bench_prefill, "decode": bench_decode, "model": bench_model,
-           "batch": bench_batch, "train": bench_train, "cpu": bench_cpu}
+           "batch": bench_batch, "kvbits": bench_kvbits, "train": bench_train, "cpu": bench_cpu}
     print(markdown({k: v for k, v in results.items() if k != "notes"} | {"notes": []}), flush=True)
     for name in SECTIONS:
         if name not in sections:

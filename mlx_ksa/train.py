@@ -17,7 +17,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -45,6 +45,7 @@ class TrainArgs:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_checkpoint: bool = False
+    compile: bool = True
     save_every: int = 0
     eval_every: int = 0
     val_batches: int = 4
@@ -153,8 +154,9 @@ def _checkpointed_blocks(model, enabled):
 
 
 def train(model, config, batches, targs: TrainArgs, out, *, loss=lm_loss, val=None,
-          on_step=None, resume=None, log=None):
-    """Runs targs.steps optimizer steps; returns the list of training losses."""
+          on_step=None, resume=None, log=None, loss_inputs=()):
+    """Runs targs.steps optimizer steps; returns the list of training losses.
+    loss_inputs: arrays the loss reads besides the model's (a teacher's state)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     opt = optim.AdamW(learning_rate=lr_schedule(targs), weight_decay=targs.weight_decay)
     step = _load_checkpoint(resume, model, opt, batches) if resume else 0
@@ -167,10 +169,18 @@ def train(model, config, batches, targs: TrainArgs, out, *, loss=lm_loss, val=No
 
     def one_step(batch):
         value, grads = loss_and_grad(model, batch)
-        grads, _ = optim.clip_grad_norm(grads, targs.grad_clip)
+        if targs.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, targs.grad_clip)
         opt.update(model, grads)
-        mx.eval(value, model.parameters(), opt.state)
-        return value.item()
+        return value
+
+    if targs.compile:
+        # One trace, then every step replays it: for small models the graph
+        # building and kernel launches cost more than the arithmetic.
+        if not opt.state:
+            opt.init(model.trainable_parameters())
+        state = [model.state, opt.state, mx.random.state]
+        one_step = mx.compile(one_step, inputs=state + [loss_inputs], outputs=state)
 
     losses, t_start, tokens = [], time.perf_counter(), 0
     with _checkpointed_blocks(model, targs.grad_checkpoint):
@@ -178,7 +188,9 @@ def train(model, config, batches, targs: TrainArgs, out, *, loss=lm_loss, val=No
             if on_step:
                 on_step(step)
             batch = next(batches)
-            losses.append(one_step(batch))
+            value = one_step(batch)
+            mx.eval(value, model.state, opt.state)
+            losses.append(value.item())
             step += 1
             tokens += batch.shape[0] * (batch.shape[1] - 1)
             if step % targs.report_every == 0 or step == targs.steps:
@@ -283,14 +295,15 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
     out = Path(out)
     freeze_to_summary_parameters(student)
     train(student, cfg, Batches(pack(tokens, targs.seq_len), targs.batch_size, targs.seed), targs,
-          out / "distill", loss=distill_loss(teacher), val=val, log=log)
+          out / "distill", loss=distill_loss(teacher), val=val, log=log, loss_inputs=teacher.state)
     student.unfreeze()
 
     def mix(step):
         student.args.mix_coeff = 1.0 - step / anneal.steps
 
+    # mix_coeff is a Python float that a compiled step would freeze at its first value.
     train(student, cfg, Batches(pack(tokens, anneal.seq_len), anneal.batch_size, anneal.seed + 1),
-          anneal, out / "anneal", on_step=mix, val=val, log=log)
+          replace(anneal, compile=False), out / "anneal", on_step=mix, val=val, log=log)
     student.args.mix_coeff = 0.0
     cfg["mix_coeff"] = 0.0
     save_pretrained(out, student, cfg, tokenizer)
@@ -304,6 +317,7 @@ HELP = {
     "schedule": "cosine, or wsd (warm-up, stable, linear decay)", "decay_fraction": "wsd: share of steps decaying",
     "weight_decay": "AdamW weight decay", "grad_clip": "global gradient-norm clip (0: off)",
     "grad_checkpoint": "recompute each block in the backward pass (less memory)",
+    "compile": "trace the training step once (mx.compile)",
     "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "validation every N steps",
     "val_batches": "batches per validation", "report_every": "log every N steps", "seed": "data order and init",
 }
@@ -314,7 +328,10 @@ def _add_train_args(p, prefix=""):
     for f in fields(TrainArgs):
         flag = "--" + "-".join(filter(None, (prefix, f.name.replace("_", "-"))))
         dest, text = "_".join(filter(None, (prefix, f.name))), HELP[f.name] + (f" ({prefix})" if prefix else "")
-        if f.type == "bool" or isinstance(f.default, bool):
+        if isinstance(f.default, bool) and f.default:
+            flag = "--" + "-".join(filter(None, (prefix, "no", f.name.replace("_", "-"))))
+            p.add_argument(flag, action="store_false", dest=dest, help="do not " + text)
+        elif isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", dest=dest, help=text)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, dest=dest, help=text)

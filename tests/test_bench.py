@@ -22,8 +22,11 @@ def test_quick_bench_on_cpu(tmp_path, capsys):
     assert all(r["ksa"] > 0 and r["dense"] > 0 for r in results["model"] + results["train"])
     batch = results["batch"]
     assert batch["batch"] == 8 and batch["batched_tokens_per_s"] > 0 and batch["one_at_a_time_tokens_per_s"] > 0
+    kv = {r["bits"]: r for r in results["kvbits"]}
+    assert set(kv) == {16, 8, 4} and all(r["tokens_per_s"] > 0 for r in kv.values())
+    assert kv[16]["kv_bytes"] > kv[8]["kv_bytes"] > kv[4]["kv_bytes"]
     out = capsys.readouterr().out
-    assert "### Decode attention" in out and "### Batched decode" in out
+    assert "### Decode attention" in out and "### Batched decode" in out and "### Quantized KV" in out
 
 
 def test_visible_entries_count_the_predicate():

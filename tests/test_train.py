@@ -50,6 +50,22 @@ def test_resume_continues_with_identical_loss(tmp_path, schedule, checkpointing)
     np.testing.assert_allclose(resumed, full[6:], rtol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_step_trains_like_the_eager_step(tmp_path, checkpointing):
+    targs = T.TrainArgs(steps=8, batch_size=4, seq_len=16, lr=5e-3, warmup=2, report_every=1000,
+                        grad_checkpoint=checkpointing)
+    data = pack(copy_task(), 16)
+    runs = {}
+    for compiled in (False, True):
+        model, cfg = fresh_model()
+        losses = T.train(model, cfg, Batches(data, 4, seed=3), T.TrainArgs(**{**targs.__dict__, "compile": compiled}),
+                         tmp_path / str(compiled), log=lambda s: None)
+        runs[compiled] = losses, dict(tree_flatten(model.parameters()))
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for name, w in runs[False][1].items():
+        np.testing.assert_allclose(np.array(runs[True][1][name]), np.array(w), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_distill_loss_has_gradients_only_for_summary_weights(tmp_path):
     dense, dense_cfg = tiny_dense(tmp_path)
     student, cfg = T.dense_to_ksa(dense, dense_cfg, chunk=4, windows="[1]*3+[8]")

@@ -82,6 +82,25 @@ def test_model_gradients_match_the_reference_path(monkeypatch):
         assert err < 3e-2, (name, err)
 
 
+def test_compiled_training_steps_equal_eager_ones(tmp_path):
+    """mlx_ksa.train compiles its step: the kernels and their vjp inside
+    mx.compile must train exactly as the eager step does."""
+    from mlx_ksa.data import Batches
+    from mlx_ksa.train import TrainArgs, train
+
+    cfg = ref.make_config(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                          summary_chunk_size=8, summary_sliding_chunk_num="[2]*3+[64]")
+    rows = np.random.default_rng(0).integers(0, cfg["summary_token_begin"], (16, 257)).astype(np.int32)
+    runs = []
+    for compiled in (False, True):
+        mx.random.seed(0)
+        model = Model(ModelArgs.from_dict(cfg))
+        model.set_dtype(mx.bfloat16)
+        targs = TrainArgs(steps=6, batch_size=2, seq_len=256, lr=1e-3, warmup=1, compile=compiled)
+        runs.append(train(model, cfg, Batches(rows, 2), targs, tmp_path / str(compiled), log=lambda s: None))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=2e-2)
+
+
 # -- benchmark ------------------------------------------------------------
 def bench(n=16384, reps=5):
     H, Hkv, D, k, S, W = 32, 8, 128, 8, 1, 128
