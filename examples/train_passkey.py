@@ -270,18 +270,15 @@ def train_one(name, cfg, rows, steps, a, budget_s):
 
 
 def measure_step_seconds(cfg, rows, a):
-    """Seconds per optimizer step, after two warm-up steps (kernel JIT)."""
+    """Median seconds per optimizer step, after three warm-up steps (kernel JIT,
+    the compiled step's trace)."""
     model = new_model(cfg, a)
-    quiet = lambda s: None
-    targs = TrainArgs(steps=2, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=1,
-                      report_every=1000)
-    batches = Batches(rows, a.batch_size, a.seed)
-    train(model, cfg, batches, targs, Path(a.out) / "calibration", log=quiet)
-    n = a.calibration_steps
-    t0 = time.perf_counter()
-    train(model, cfg, batches, TrainArgs(steps=n, batch_size=a.batch_size, seq_len=a.seq_len,
-                                         lr=a.lr, warmup=1, report_every=1000), Path(a.out), log=quiet)
-    return (time.perf_counter() - t0) / n
+    stamps = []
+    targs = TrainArgs(steps=a.calibration_steps + 4, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+                      warmup=1, report_every=1000)
+    train(model, cfg, Batches(rows, a.batch_size, a.seed), targs, Path(a.out) / "calibration",
+          log=lambda s: None, on_step=lambda step: stamps.append(time.perf_counter()))
+    return float(np.median(np.diff(stamps[3:])))
 
 
 # -- evaluation ---------------------------------------------------------------
@@ -557,7 +554,7 @@ def main(argv=None):
     if a.steps:
         steps, step_s = a.steps, None
     else:
-        calib_rows = make_rows(a.batch_size * (a.calibration_steps + 2), a.seq_len, templates, stream,
+        calib_rows = make_rows(a.batch_size * (a.calibration_steps + 4), a.seq_len, templates, stream,
                                a.passkey_frac, eos, digit_ids, np.random.default_rng([a.seed, 9]))
         step_s = measure_step_seconds(ksa_cfg, calib_rows, a)
         steps = int(max(10, min(a.max_steps, a.minutes * 60 * 0.97 / step_s)))
