@@ -4,8 +4,9 @@
 // header and the bodies that mx.fast.cuda_kernel takes. A Metal simdgroup is
 // a warp here, a threadgroup a block.
 //
-// params: [B, 5], one row per batch row: [start, end, n_splits, split_len,
-// S + k]; n_splits and split_len are the launch's, the same in every row.
+// params: [B, 3], one row per batch row: [start - first, end - first,
+// S + k], the text range within the view Kt/Vt = buffer[:, :, first:last];
+// n_splits is the launch's grid.
 
 //// header
 // Finite stand-in for -inf: empty warps merge with weight exp2(-huge) = 0 and
@@ -39,10 +40,15 @@ const int sg = threadIdx.x / 32;
 const int lane = threadIdx.x % 32;
 const int tid = threadIdx.x;
 // This batch row's parameters (read by index: MLX puts small inputs in
-// constant memory, larger ones in device memory).
-const int start = params[b * 5], end = params[b * 5 + 1];
-const int n_splits = params[b * 5 + 2], split_len = params[b * 5 + 3], sum_end = params[b * 5 + 4];
+// constant memory, larger ones in device memory). The end is clipped to the
+// view: a single sequence passes INT32_MAX, so that its params never change.
+const int n = Kt_shape[2];
+const int start = params[b * 3], end = min(params[b * 3 + 1], n), sum_end = params[b * 3 + 2];
 const int H = q_shape[1], R = q_shape[2];
+// The splits come from the launch, for the same reason: one threadgroup per
+// split, plus one for the summary rows when there are any.
+const int n_splits = int(gridDim.x) - (R > 1);
+const int split_len = (n + n_splits - 1) / n_splits;
 const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
 const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
@@ -54,11 +60,19 @@ __shared__ float tg_l[NW];
 for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
   int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  // Summary rows read the whole buffer, text rows the view (slot 0 = first).
+  const T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
+  const T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
+  int64_t k_step = K_strides[2], v_step = V_strides[2];
   if (text) {
     lo = start + x * split_len;
     hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
+    kb = Kt + b * Kt_strides[0] + hk * Kt_strides[1] + lane * E;
+    vb = Vt + b * Vt_strides[0] + hk * Vt_strides[1] + lane * E;
+    k_step = Kt_strides[2];
+    v_step = Vt_strides[2];
   }
   float qv[G][E], o[G][E], m[G], l[G];
   #pragma unroll
@@ -72,8 +86,6 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
     m[g] = NEG_BIG;
     l[g] = 0.0f;
   }
-  const T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
-  const T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
   // Each simdgroup takes U consecutive keys at a time and loads them all
   // before using any: U rows of K and V in flight per simdgroup, not one.
   for (int i0 = lo + sg * U; i0 < hi; i0 += NW * U) {
@@ -81,8 +93,8 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
     #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (i0 + u < hi) {
-        load_row<T, E>(kb + (i0 + u) * K_strides[2], kv[u]);
-        load_row<T, E>(vb + (i0 + u) * V_strides[2], vv[u]);
+        load_row<T, E>(kb + (i0 + u) * k_step, kv[u]);
+        load_row<T, E>(vb + (i0 + u) * v_step, vv[u]);
       }
     }
     #pragma unroll
@@ -141,9 +153,9 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
 const int d = threadIdx.x;
 const int r = blockIdx.y;
 const int bh = blockIdx.z;
-const int n_splits = params[2];  // the same in every row
+const int R = int(gridDim.y);  // one threadgroup row per query row
 const int P = part_ml_shape[2];
-const int R = P - n_splits + 1;
+const int n_splits = P - R + 1;
 const int p0 = r == 0 ? 0 : n_splits + r - 1;
 const int p1 = r == 0 ? n_splits : p0 + 1;
 const int64_t row = int64_t(bh) * P;

@@ -10,10 +10,19 @@
 // slots [0, S + k), where summary j sees scratch slots 0..j
 // (visibility.summary_mask).
 //
+// Inputs: q, K and V (the whole buffer, read by the summary rows), Kt and Vt
+// (the text keys: the view buffer[:, :, first:last], first the rows'
+// smallest start, last their largest end), params, scale. The text range
+// travels as a view, not as numbers: numbers change every step, and an array
+// of them made on the host and copied over costs more than the reduce pass,
+// while a view is free (MLX hands the kernel the view's own pointer and
+// strides).
+//
 // Batch rows may sit at different chunk phases (BatchKSACache): each row has
-// its own [start, end). The launch cuts the longest range into n_splits
-// splits of split_len keys; a row's splits past its own end are empty and
-// merge with weight 0 (split 0 always holds the text token's own key).
+// its own [start, end) within the view. The launch cuts the view's n keys
+// into n_splits splits of split_len = ceil(n / n_splits) keys, counted from
+// each row's start; a row's splits past its own end are empty and merge with
+// weight 0 (split 0 always holds the text token's own key).
 //
 // Flash decoding: pass 1 ("partial") cuts the text range into splits; one
 // threadgroup per (split, KV head, batch row) covers the G = H / Hkv query
@@ -22,8 +31,11 @@
 // unnormalized output with its running max and sum; pass 2 ("reduce") merges
 // the text splits and normalizes every row.
 //
-// params: [B, 5], one row per batch row: [start, end, n_splits, split_len,
-// S + k]; n_splits and split_len are the launch's, the same in every row.
+// params: [B, 3], one row per batch row: [start - first, end - first,
+// S + k]. A single sequence's view is exactly its range, so its row is
+// [0, INT32_MAX, S + k], clipped to the view in the kernel: the same every
+// step, made once. n_splits is the launch's grid, not a parameter, for the
+// same reason.
 
 //// header
 // Finite stand-in for -inf: empty simdgroups merge with weight exp2(-huge) = 0
@@ -48,10 +60,15 @@ const int sg = simdgroup_index_in_threadgroup;
 const int lane = thread_index_in_simdgroup;
 const int tid = thread_position_in_threadgroup.x;
 // This batch row's parameters (read by index: MLX puts small inputs in
-// constant memory, larger ones in device memory).
-const int start = params[b * 5], end = params[b * 5 + 1];
-const int n_splits = params[b * 5 + 2], split_len = params[b * 5 + 3], sum_end = params[b * 5 + 4];
+// constant memory, larger ones in device memory). The end is clipped to the
+// view: a single sequence passes INT32_MAX, so that its params never change.
+const int n = Kt_shape[2];
+const int start = params[b * 3], end = min(params[b * 3 + 1], n), sum_end = params[b * 3 + 2];
 const int H = q_shape[1], R = q_shape[2];
+// The splits come from the launch, for the same reason: one threadgroup per
+// split, plus one for the summary rows when there are any.
+const int n_splits = int(threadgroups_per_grid.x) - (R > 1);
+const int split_len = (n + n_splits - 1) / n_splits;
 const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
 const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
@@ -63,11 +80,19 @@ threadgroup float tg_l[NW];
 for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
   int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
+  // Summary rows read the whole buffer, text rows the view (slot 0 = first).
+  const device T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
+  const device T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
+  int64_t k_step = K_strides[2], v_step = V_strides[2];
   if (text) {
     lo = start + x * split_len;
     hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
+    kb = Kt + b * Kt_strides[0] + hk * Kt_strides[1] + lane * E;
+    vb = Vt + b * Vt_strides[0] + hk * Vt_strides[1] + lane * E;
+    k_step = Kt_strides[2];
+    v_step = Vt_strides[2];
   }
   float qv[G][E], o[G][E], m[G], l[G];
   for (int g = 0; g < G; ++g) {
@@ -79,16 +104,14 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
     m[g] = NEG_BIG;
     l[g] = 0.0f;
   }
-  const device T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
-  const device T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
   // Each simdgroup takes U consecutive keys at a time and loads them all
   // before using any: U rows of K and V in flight per simdgroup, not one.
   for (int i0 = lo + sg * U; i0 < hi; i0 += NW * U) {
     float kv[U][E], vv[U][E];
     for (int u = 0; u < U; ++u) {
       if (i0 + u < hi) {
-        load_row<T, E>(kb + (i0 + u) * K_strides[2], kv[u]);
-        load_row<T, E>(vb + (i0 + u) * V_strides[2], vv[u]);
+        load_row<T, E>(kb + (i0 + u) * k_step, kv[u]);
+        load_row<T, E>(vb + (i0 + u) * v_step, vv[u]);
       }
     }
     for (int u = 0; u < U; ++u) {
@@ -139,9 +162,9 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
 const int d = thread_position_in_threadgroup.x;
 const int r = threadgroup_position_in_grid.y;
 const int bh = threadgroup_position_in_grid.z;
-const int n_splits = params[2];  // the same in every row
+const int R = int(threadgroups_per_grid.y);  // one threadgroup row per query row
 const int P = part_ml_shape[2];
-const int R = P - n_splits + 1;
+const int n_splits = P - R + 1;
 const int p0 = r == 0 ? 0 : n_splits + r - 1;
 const int p1 = r == 0 ? n_splits : p0 + 1;
 const int64_t row = int64_t(bh) * P;

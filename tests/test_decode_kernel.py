@@ -104,9 +104,22 @@ def test_metal_kernel_matches_reference(case_args):
     launch = decode.plan_partial(q, keys, values, start, end, sum_end, scale, split_len=16)
     part_o, part_ml = emu.run_metal_kernel(partial, **launch)
     out = emu.run_metal_kernel(
-        reduce, **decode.plan_reduce(q, mx.array(part_o), mx.array(part_ml), launch["inputs"][3])
+        reduce, **decode.plan_reduce(q, mx.array(part_o), mx.array(part_ml))
     )[0]
     check(out, case)
+
+
+def test_single_sequence_steps_make_no_array():
+    """Consecutive steps of one sequence, one of them completing a chunk:
+    the text range travels as a view of the buffer, and the params and scale
+    are the very same arrays every step (made once, not per step)."""
+    plans = []
+    for t in (4, 5, 7):
+        q, keys, values, start, end, sum_end, scale = make_case(1, 4, 2, 64, mx.float32, 4, 1, 2, t)
+        launch = decode.plan_partial(q, keys, values, start, end, sum_end, scale)
+        assert launch["inputs"][3].shape == (1, 2, end - start, 64)
+        plans.append(launch["inputs"][5:])
+    assert all(a is b for plan in plans[1:] for a, b in zip(plan, plans[0]))
 
 
 def test_metal_kernel_is_race_free():

@@ -44,13 +44,13 @@ def kernels(back_end):
     parts = sections(source(_FILES[back_end]))
     make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
     partial = make(
-        name="ksa_decode_partial", input_names=["q", "K", "V", "params", "scale"],
+        name="ksa_decode_partial", input_names=["q", "K", "V", "Kt", "Vt", "params", "scale"],
         output_names=["part_o", "part_ml"], source=parts["partial"], header=parts["header"],
         # The cache buffer is read where it lies: a copy would cost more than the step.
         ensure_row_contiguous=False,
     )
     reduce = make(
-        name="ksa_decode_reduce", input_names=["part_o", "part_ml", "params"],
+        name="ksa_decode_reduce", input_names=["part_o", "part_ml"],
         output_names=["out"], source=parts["reduce"], header=parts["header"],
     )
     return partial, reduce
@@ -71,38 +71,63 @@ def _scalar(x):
     return mx.array([x], dtype=mx.float32)
 
 
+INT32_MAX = 2**31 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_view(B, sum_end):
+    # Rows that all see the whole view (the kernel clips INT32_MAX to its
+    # length): the same every step of a cache, so made once, like _scalar.
+    return mx.array([[0, INT32_MAX, sum_end]] * B, dtype=mx.int32)
+
+
+def _one(x):
+    """An int, or the single entry of an array."""
+    return int(np.ravel(x)[0]) if np.ndim(x) else int(x)
+
+
 def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None):
     """Pass-1 launch: queries [B, H, 1 (+S), D], the text query over slots
     [start, end) of keys/values [B, Hkv, slots, D], the summary queries (rows
     1..S) over [0, sum_end = S + k). start, end and sum_end are ints or one
-    per batch row (a BatchKSACache step). Keyword arguments of the kernel call."""
+    per batch row (a BatchKSACache step). split_len: at most this many keys
+    per split (default: TARGET_GROUPS, MIN_SPLIT). Keyword arguments of the
+    kernel call."""
     B, H, R, D = q.shape
     Hkv = keys.shape[1]
-    start, end, sum_end = (np.broadcast_to(x, (B,)) for x in (start, end, sum_end))
-    n = int((end - start).max())  # splits cover the longest row's range
+    if B == 1 or not np.ndim(start):
+        # One range for every row (a KSACache step, most often of a single
+        # sequence): the view is that range, and no array is made per step.
+        first, last = _one(start), _one(end)
+        params = _whole_view(B, _one(sum_end))
+    else:
+        start, end, sum_end = (np.broadcast_to(x, (B,)) for x in (start, end, sum_end))
+        first, last = int(start.min()), int(end.max())
+        # Row-major, as the kernel indexes it (stack on axis 1 gives that).
+        params = mx.array(np.stack([start - first, end - first, sum_end], axis=1).astype(np.int32))
+    n = last - first  # the view's keys, which the splits cover from every row's start
     if split_len is None:
         per_head = max(1, TARGET_GROUPS // (B * Hkv))
         split_len = max(MIN_SPLIT, -(-n // per_head))
-    n_splits = -(-n // split_len)  # the longest row's splits all non-empty
+    n_splits = -(-n // split_len)
     P = n_splits + R - 1
-    shared = np.broadcast_to([n_splits, split_len], (B, 2))
-    # Row-major, as the kernel indexes it (column_stack alone gives column-major).
-    params = mx.array(np.ascontiguousarray(np.column_stack([start, end, shared, sum_end]), dtype=np.int32))
     return dict(
-        inputs=[q, keys, values, params, _scalar(scale)],
+        inputs=[q, keys, values, keys[:, :, first:last], values[:, :, first:last], params, _scalar(scale)],
         output_shapes=[(B, H, P, D), (B, H, P, 2)],
         output_dtypes=[mx.float32, mx.float32],
+        # The kernel reads n_splits off the grid.
         grid=(32 * NW * (n_splits + (R > 1)), Hkv, B),
         threadgroup=(32 * NW, 1, 1),
         template=[("T", q.dtype), ("D", D), ("G", H // Hkv), ("NW", NW)],
     )
 
 
-def plan_reduce(q, part_o, part_ml, params):
-    """Pass-2 launch: merges the text splits, normalizes every row."""
+def plan_reduce(q, part_o, part_ml):
+    """Pass-2 launch: merges the text splits, normalizes every row (the
+    kernel reads R off the grid, n_splits off the partials' shape)."""
     B, H, R, D = q.shape
     return dict(
-        inputs=[part_o, part_ml, params],
+        inputs=[part_o, part_ml],
         output_shapes=[q.shape],
         output_dtypes=[q.dtype],
         grid=(D, R, B * H),
@@ -118,6 +143,5 @@ def decode_attention(q, keys, values, start, end, sum_end, scale):
     if back_end is None or not supported(q, keys, values):
         return None
     partial, reduce = kernels(back_end)
-    launch = plan_partial(q, keys, values, start, end, sum_end, scale)
-    part_o, part_ml = partial(**launch)
-    return reduce(**plan_reduce(q, part_o, part_ml, launch["inputs"][3]))[0]
+    part_o, part_ml = partial(**plan_partial(q, keys, values, start, end, sum_end, scale))
+    return reduce(**plan_reduce(q, part_o, part_ml))[0]
