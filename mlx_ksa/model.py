@@ -216,7 +216,10 @@ class KSAModel(nn.Module):
         # Text rows only; the summary rows live apart so that quantizing the
         # text embedding never touches them.
         self.embed_tokens = nn.Embedding(args.summary_token_begin, args.hidden_size)
-        self.summary_embedding = mx.zeros((args.summary_token_num, args.hidden_size))
+        if args.summary_token_num:
+            # No zero-row parameter for S = 0: empty arrays in a compiled
+            # training step (AdamW's update of them) stall MLX's CUDA back end.
+            self.summary_embedding = mx.zeros((args.summary_token_num, args.hidden_size))
         self.layers = [TransformerBlock(args, w) for w in args.windows]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -329,7 +332,9 @@ class Model(nn.Module):
         begin, S = args.summary_token_begin, args.summary_token_num
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         embed = weights.get("model.embed_tokens.weight")
-        if embed is not None and "model.summary_embedding" not in weights:
+        if not S:  # a no-summary checkpoint may carry an empty summary row block
+            weights.pop("model.summary_embedding", None)
+        elif embed is not None and "model.summary_embedding" not in weights:
             if embed.shape[0] < begin + S:
                 raise ValueError(
                     f"model.embed_tokens.weight has {embed.shape[0]} rows; the summary rows "

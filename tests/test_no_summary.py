@@ -5,6 +5,7 @@ independent PyTorch reference and a banded mask built here from the spec."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import mlx_ksa
 from mlx_ksa.layout import Layout
@@ -57,7 +58,7 @@ def case(request, tmp_path_factory):
                                          summary_token_num=0, vocab_size=96, **CONFIGS[request.param])
     assert cfg["vocab_size"] == cfg["summary_token_begin"]
     model, _ = mlx_ksa.load_model(path)
-    assert model.model.summary_embedding.shape == (0, cfg["hidden_size"])
+    assert "summary_embedding" not in model.model  # no zero-row parameter
     ids = random_ids(70, cfg["summary_token_begin"], seed=len(request.param))
     return model, cfg, weights, ids, ref.forward(cfg, weights, list(ids))
 
@@ -112,3 +113,12 @@ def test_save_and_load(tmp_path):
     loaded, _ = mlx_ksa.load_model(tmp_path / "m")
     ids = mx.array(random_ids(40, cfg["summary_token_begin"]))[None]
     assert np.abs(np.array(model(ids)) - np.array(loaded(ids))).max() == 0
+
+
+def test_checkpoint_with_an_empty_summary_block_loads(case):
+    """Checkpoints saved before S = 0 models dropped the parameter carry a
+    [0, hidden] summary_embedding; it is dropped, not a load error."""
+    model, cfg, *_ = case
+    weights = dict(tree_flatten(model.parameters()))
+    weights["model.summary_embedding"] = mx.zeros((0, cfg["hidden_size"]))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
