@@ -18,6 +18,12 @@
 // while a view is free (MLX hands the kernel the view's own pointer and
 // strides).
 //
+// Two variants share the partial body: "dense" (KSACache: K/V arrays of T)
+// and "quantized" (QuantizedKSACache: each of K, V, Kt, Vt as mx.quantize's
+// three parts, dequantized as loaded). The wrapper puts the variant's
+// prelude section before the partial body; the prelude names the inputs and
+// picks the row loader (DenseRows or QuantRows), the body only calls it.
+//
 // Batch rows may sit at different chunk phases (BatchKSACache): each row has
 // its own [start, end) within the view. The launch cuts the view's n keys
 // into n_splits splits of split_len = ceil(n / n_splits) keys, counted from
@@ -50,8 +56,83 @@ inline void load_row(const device T* p, thread float* out) {
   for (int e = 0; e < E; ++e) out[e] = float(p[e]);
 }
 
+// An array laid out [B, Hkv, slots, *] (the head dim, or its packed words,
+// scales or biases, contiguous): at() moves to a batch row, KV head and
+// column, row(i) is slot i there.
+template <typename P>
+struct Strided {
+  const device P* p;
+  int64_t batch, head, slot;
+  Strided at(int b, int hk, int column) const { return {p + b * batch + hk * head + column, batch, head, slot}; }
+  const device P* row(int i) const { return p + i * slot; }
+};
+
+// The two ways K/V rows are stored; the partial body reads them through
+// Rows (chosen by the variant's prelude): at(b, hk, lane) is the lane's part
+// of the rows of a batch row and KV head, load(i, out) its E elements of
+// slot i as float.
+// Dense: one array of T.
+template <typename T, int D>
+struct DenseRows {
+  Strided<T> x;
+  DenseRows at(int b, int hk, int lane) const { return {x.at(b, hk, lane * (D / 32))}; }
+  void load(int i, thread float* out) const { load_row<T, D / 32>(x.row(i), out); }
+};
+
+// mx.quantize (affine): element j of a row is the BITS-bit field at bit
+// (j * BITS) % 32 of word j * BITS / 32, worth scale * field + bias, with one
+// scale and bias per GS elements. A lane's E = D / 32 elements (E * BITS <= 32
+// bits, at a multiple of E * BITS) lie in one word and one group: each row
+// costs the lane one word, one scale and one bias.
+template <typename T, int D, int BITS, int GS>
+struct QuantRows {
+  Strided<uint32_t> w;
+  Strided<T> s, z;
+  int shift;  // the lane's first bit in its word
+  QuantRows at(int b, int hk, int lane) const {
+    const int bit = lane * (D / 32) * BITS, group = lane * (D / 32) / GS;
+    return {w.at(b, hk, bit / 32), s.at(b, hk, group), z.at(b, hk, group), bit % 32};
+  }
+  void load(int i, thread float* out) const {
+    const uint32_t word = *w.row(i) >> shift;
+    const float a = float(*s.row(i)), c = float(*z.row(i));
+    for (int e = 0; e < D / 32; ++e) out[e] = a * float((word >> (e * BITS)) & ((1u << BITS) - 1)) + c;
+  }
+};
+
+//// dense
+// Prelude of the dense variant: K, V (the whole buffer) and Kt, Vt (the text
+// view) are arrays of T.
+using Rows = DenseRows<T, D>;
+const Rows K_all = {{K, K_strides[0], K_strides[1], K_strides[2]}};
+const Rows V_all = {{V, V_strides[0], V_strides[1], V_strides[2]}};
+const Rows K_text = {{Kt, Kt_strides[0], Kt_strides[1], Kt_strides[2]}};
+const Rows V_text = {{Vt, Vt_strides[0], Vt_strides[1], Vt_strides[2]}};
+const int n = Kt_shape[2];  // slots in the view
+
+//// quantized
+// Prelude of the quantized variant (QuantizedKSACache): each buffer and view
+// comes as mx.quantize's packed words (w), scales (s) and biases (b).
+using Rows = QuantRows<T, D, BITS, GS>;
+const Rows K_all = {{Kw, Kw_strides[0], Kw_strides[1], Kw_strides[2]},
+                    {Ks, Ks_strides[0], Ks_strides[1], Ks_strides[2]},
+                    {Kb, Kb_strides[0], Kb_strides[1], Kb_strides[2]}, 0};
+const Rows V_all = {{Vw, Vw_strides[0], Vw_strides[1], Vw_strides[2]},
+                    {Vs, Vs_strides[0], Vs_strides[1], Vs_strides[2]},
+                    {Vb, Vb_strides[0], Vb_strides[1], Vb_strides[2]}, 0};
+const Rows K_text = {{Ktw, Ktw_strides[0], Ktw_strides[1], Ktw_strides[2]},
+                     {Kts, Kts_strides[0], Kts_strides[1], Kts_strides[2]},
+                     {Ktb, Ktb_strides[0], Ktb_strides[1], Ktb_strides[2]}, 0};
+const Rows V_text = {{Vtw, Vtw_strides[0], Vtw_strides[1], Vtw_strides[2]},
+                     {Vts, Vts_strides[0], Vts_strides[1], Vts_strides[2]},
+                     {Vtb, Vtb_strides[0], Vtb_strides[1], Vtb_strides[2]}, 0};
+const int n = Ktw_shape[2];  // slots in the view
+
 //// partial
-// Templates: T (dtype), D (head dim), G (query heads per KV head), NW (simdgroups).
+// Follows a variant's prelude (above), which defines Rows, the rows K_all,
+// V_all (the whole buffer) and K_text, V_text (the view), and n.
+// Templates: T (dtype), D (head dim), G (query heads per KV head), NW
+// (simdgroups); the quantized variant adds BITS and GS (group size).
 constexpr int E = D / 32;  // head-dim elements per lane
 const int x = threadgroup_position_in_grid.x;
 const int hk = threadgroup_position_in_grid.y;
@@ -62,7 +143,6 @@ const int tid = thread_position_in_threadgroup.x;
 // This batch row's parameters (read by index: MLX puts small inputs in
 // constant memory, larger ones in device memory). The end is clipped to the
 // view: a single sequence passes INT32_MAX, so that its params never change.
-const int n = Kt_shape[2];
 const int start = params[b * 3], end = min(params[b * 3 + 1], n), sum_end = params[b * 3 + 2];
 const int H = q_shape[1], R = q_shape[2];
 // The splits come from the launch, for the same reason: one threadgroup per
@@ -81,18 +161,14 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
   int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
   // Summary rows read the whole buffer, text rows the view (slot 0 = first).
-  const device T* kb = K + b * K_strides[0] + hk * K_strides[1] + lane * E;
-  const device T* vb = V + b * V_strides[0] + hk * V_strides[1] + lane * E;
-  int64_t k_step = K_strides[2], v_step = V_strides[2];
+  Rows kr = K_all.at(b, hk, lane), vr = V_all.at(b, hk, lane);
   if (text) {
     lo = start + x * split_len;
     hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
-    kb = Kt + b * Kt_strides[0] + hk * Kt_strides[1] + lane * E;
-    vb = Vt + b * Vt_strides[0] + hk * Vt_strides[1] + lane * E;
-    k_step = Kt_strides[2];
-    v_step = Vt_strides[2];
+    kr = K_text.at(b, hk, lane);
+    vr = V_text.at(b, hk, lane);
   }
   float qv[G][E], o[G][E], m[G], l[G];
   for (int g = 0; g < G; ++g) {
@@ -110,8 +186,8 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
     float kv[U][E], vv[U][E];
     for (int u = 0; u < U; ++u) {
       if (i0 + u < hi) {
-        load_row<T, E>(kb + (i0 + u) * k_step, kv[u]);
-        load_row<T, E>(vb + (i0 + u) * v_step, vv[u]);
+        kr.load(i0 + u, kv[u]);
+        vr.load(i0 + u, vv[u]);
       }
     }
     for (int u = 0; u < U; ++u) {

@@ -415,8 +415,10 @@ class QuantizedKSACache(KSACache):
     """KSACache with K/V stored by mx.quantize along the head dimension.
 
     Same layout and protocol. Blocks of new tokens attend over dequantized
-    slices; a decode step attends with quantized matmuls over the buffer
-    (mlx-lm's quantized SDPA). Tokens are quantized once, when stored.
+    slices; a decode step runs the fused decode kernel's quantized variant
+    over the buffer (dequantizing rows as it loads them), or where none
+    serves, the reference with quantized matmuls (mlx-lm's quantized SDPA).
+    Tokens are quantized once, when stored.
     """
 
     def __init__(self, chunk, summaries, window, keep_summaries=True, group_size=64, bits=4):
@@ -441,9 +443,24 @@ class QuantizedKSACache(KSACache):
         return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
 
     def decode(self, q, keys, values, scale):
-        sdpa = functools.partial(quantized_scaled_dot_product_attention, group_size=self.group_size,
-                                 bits=self.bits)
-        return decode_reference(q, self.keys, self.values, *self.store_decode(keys, values), scale, sdpa)
+        """KSACache.decode over the quantized buffer: the fused kernel's
+        quantized variant reads the packed parts in place where it serves."""
+        ranges = self.store_decode(keys, values)
+        args = (q, self.keys, self.values, *ranges, scale)
+        out = decode_kernel.decode_attention(*args, quant=(self.group_size, self.bits))
+        if out is not None:
+            return out
+        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+            # MLX's CUDA back end has no quantized_matmul for the shapes of
+            # mlx-lm's quantized SDPA (one query row against thousands of
+            # keys: "No implementation for problem shape"), so there the
+            # reference dequantizes the slices it reads and runs plain SDPA.
+            sdpa = lambda q, k, v, **kw: mx.fast.scaled_dot_product_attention(
+                q, self._decode(k), self._decode(v), **kw)
+        else:
+            sdpa = functools.partial(quantized_scaled_dot_product_attention,
+                                     group_size=self.group_size, bits=self.bits)
+        return decode_reference(*args, sdpa)
 
     def to_quantized(self, group_size=64, bits=4):
         # mlx-lm asks again at every step once the cache qualifies.
@@ -621,13 +638,15 @@ def decode_reference(q, keys, values, start, end, sum_end, scale, sdpa=mx.fast.s
     as a sequence of its own. keys and values may be a quantized buffer's
     parts, with the matching `sdpa` (QuantizedKSACache).
     """
+    # A buffer is one array or a tuple of parts, all laid out by slot on axis 2.
+    index = lambda buf, *i: tuple(x[i] for x in buf) if isinstance(buf, tuple) else buf[i]
     if np.ndim(start):
         return mx.concatenate([
-            decode_reference(q[b : b + 1], keys[b : b + 1], values[b : b + 1],
-                             int(start[b]), int(end[b]), int(sum_end[b]), scale)
+            decode_reference(q[b : b + 1], index(keys, slice(b, b + 1)), index(values, slice(b, b + 1)),
+                             int(start[b]), int(end[b]), int(sum_end[b]), scale, sdpa)
             for b in range(q.shape[0])
         ])
-    slots = lambda buf, a, b: tuple(x[:, :, a:b] for x in buf) if isinstance(buf, tuple) else buf[:, :, a:b]
+    slots = lambda buf, a, b: index(buf, slice(None), slice(None), slice(a, b))
     out = sdpa(q[:, :, :1], slots(keys, start, end), slots(values, start, end), scale=scale, mask=None)
     S = q.shape[2] - 1
     if S:

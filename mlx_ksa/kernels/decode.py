@@ -2,7 +2,13 @@
 
 The algorithm is described in metal/decode.metal (cuda/decode.cu is its twin).
 `decode_attention` returns None where no kernel serves the inputs; the caller
-then runs the reference (SDPA over slices of the same buffer). The launch
+then runs the reference (SDPA over slices of the same buffer).
+
+Two variants, one partial body: "dense" reads K/V arrays, "quantized" reads
+QuantizedKSACache's buffers, each given as the tuple of parts mx.quantize
+makes (packed words, scales, biases), dequantizing rows as it loads them. The
+variant's prelude section (the input names and the row loader) goes before the
+shared partial body. The launch
 parameters come from the plain functions `plan_partial` and `plan_reduce`, so
 the tests can hand exactly what the real launch gets to the CPU Metal emulator.
 """
@@ -24,6 +30,15 @@ TARGET_GROUPS = 256
 HEAD_DIMS = (64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _FILES = {"metal": "metal/decode.metal", "cuda": "cuda/decode.cu"}
+# The quantized variant: mx.quantize's affine mode. A lane's E = D / 32
+# elements then fill at most one word and one group (see QuantRows).
+QUANT_BITS = (4, 8)
+QUANT_GROUPS = (32, 64, 128)
+# Input names of pass 1: the variant's K, V (the whole buffer), then Kt, Vt (the view).
+_BUFFERS = {
+    "dense": ["K", "V", "Kt", "Vt"],
+    "quantized": [n + p for n in ("K", "V", "Kt", "Vt") for p in ("w", "s", "b")],
+}
 
 
 def sections(text):
@@ -39,29 +54,54 @@ def sections(text):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(back_end):
-    """(partial, reduce) kernel objects of a back end, built once."""
+def kernels(back_end, variant="dense"):
+    """(partial, reduce) kernel objects of a back end and variant ("dense"
+    or "quantized"), built once."""
     parts = sections(source(_FILES[back_end]))
     make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
     partial = make(
-        name="ksa_decode_partial", input_names=["q", "K", "V", "Kt", "Vt", "params", "scale"],
-        output_names=["part_o", "part_ml"], source=parts["partial"], header=parts["header"],
+        name=f"ksa_decode_partial_{variant}", input_names=["q", *_BUFFERS[variant], "params", "scale"],
+        output_names=["part_o", "part_ml"], source=parts[variant] + parts["partial"],
+        header=parts["header"],
         # The cache buffer is read where it lies: a copy would cost more than the step.
         ensure_row_contiguous=False,
     )
-    reduce = make(
+    return partial, _reduce(back_end)
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce(back_end):
+    # Both variants' partials have one layout: one reduce serves them.
+    parts = sections(source(_FILES[back_end]))
+    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
+    return make(
         name="ksa_decode_reduce", input_names=["part_o", "part_ml"],
         output_names=["out"], source=parts["reduce"], header=parts["header"],
     )
-    return partial, reduce
 
 
-def supported(q, keys, values):
+def supported(q, keys, values, quant=None):
+    """Whether a kernel serves these inputs: keys/values arrays (quant None)
+    or, quant = (group_size, bits), the parts of a quantized buffer."""
     B, H, R, D = q.shape
+    if q.dtype not in DTYPES or D not in HEAD_DIMS:
+        return False
+    if quant is None:
+        return (
+            not isinstance(keys, tuple) and keys.dtype == values.dtype == q.dtype
+            and keys.shape == values.shape and keys.shape[0] == B and keys.shape[3] == D
+            and H % keys.shape[1] == 0
+        )
+    group_size, bits = quant
+    if group_size not in QUANT_GROUPS or bits not in QUANT_BITS or len(keys) != 3 or len(values) != 3:
+        return False
+    (kw, ks, kb), (vw, vs, vb) = keys, values
+    shape = (B, kw.shape[1], kw.shape[2])
     return (
-        D in HEAD_DIMS and q.dtype in DTYPES and keys.dtype == values.dtype == q.dtype
-        and keys.shape == values.shape and keys.shape[0] == B and keys.shape[3] == D
-        and H % keys.shape[1] == 0
+        H % kw.shape[1] == 0 and kw.dtype == vw.dtype == mx.uint32
+        and all(x.dtype == q.dtype for x in (ks, kb, vs, vb))
+        and all(x.shape == (*shape, D * bits // 32) for x in (kw, vw))
+        and all(x.shape == (*shape, D // group_size) for x in (ks, kb, vs, vb))
     )
 
 
@@ -86,15 +126,16 @@ def _one(x):
     return int(np.ravel(x)[0]) if np.ndim(x) else int(x)
 
 
-def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None):
+def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None, quant=None):
     """Pass-1 launch: queries [B, H, 1 (+S), D], the text query over slots
     [start, end) of keys/values [B, Hkv, slots, D], the summary queries (rows
     1..S) over [0, sum_end = S + k). start, end and sum_end are ints or one
     per batch row (a BatchKSACache step). split_len: at most this many keys
-    per split (default: TARGET_GROUPS, MIN_SPLIT). Keyword arguments of the
-    kernel call."""
+    per split (default: TARGET_GROUPS, MIN_SPLIT). quant: (group_size, bits)
+    when keys and values are a quantized buffer's parts (the quantized
+    variant). Keyword arguments of the kernel call."""
     B, H, R, D = q.shape
-    Hkv = keys.shape[1]
+    Hkv = (keys[0] if quant else keys).shape[1]
     if B == 1 or not np.ndim(start):
         # One range for every row (a KSACache step, most often of a single
         # sequence): the view is that range, and no array is made per step.
@@ -111,14 +152,19 @@ def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None):
         split_len = max(MIN_SPLIT, -(-n // per_head))
     n_splits = -(-n // split_len)
     P = n_splits + R - 1
+    buffers = [keys, values] if quant is None else [*keys, *values]
+    template = [("T", q.dtype), ("D", D), ("G", H // Hkv), ("NW", NW)]
+    if quant is not None:
+        template += [("BITS", quant[1]), ("GS", quant[0])]
     return dict(
-        inputs=[q, keys, values, keys[:, :, first:last], values[:, :, first:last], params, _scalar(scale)],
+        # The text range as zero-copy views of the buffer (of each part).
+        inputs=[q, *buffers, *(x[:, :, first:last] for x in buffers), params, _scalar(scale)],
         output_shapes=[(B, H, P, D), (B, H, P, 2)],
         output_dtypes=[mx.float32, mx.float32],
         # The kernel reads n_splits off the grid.
         grid=(32 * NW * (n_splits + (R > 1)), Hkv, B),
         threadgroup=(32 * NW, 1, 1),
-        template=[("T", q.dtype), ("D", D), ("G", H // Hkv), ("NW", NW)],
+        template=template,
     )
 
 
@@ -136,12 +182,13 @@ def plan_reduce(q, part_o, part_ml):
     )
 
 
-def decode_attention(q, keys, values, start, end, sum_end, scale):
-    """Attention of one decode step over a KSACache buffer (see plan_partial);
+def decode_attention(q, keys, values, start, end, sum_end, scale, quant=None):
+    """Attention of one decode step over a KSACache buffer, or with quant =
+    (group_size, bits) over a QuantizedKSACache's (see plan_partial);
     [B, H, 1 (+S), D], or None where no kernel serves these inputs."""
     back_end = backend()
-    if back_end is None or not supported(q, keys, values):
+    if back_end is None or not supported(q, keys, values, quant):
         return None
-    partial, reduce = kernels(back_end)
-    part_o, part_ml = partial(**plan_partial(q, keys, values, start, end, sum_end, scale))
+    partial, reduce = kernels(back_end, "dense" if quant is None else "quantized")
+    part_o, part_ml = partial(**plan_partial(q, keys, values, start, end, sum_end, scale, quant=quant))
     return reduce(**plan_reduce(q, part_o, part_ml))[0]
