@@ -7,8 +7,11 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
 
 import mlx_ksa
+from mlx_ksa import cache as cache_module
 from mlx_ksa.cache import KSACache, QuantizedKSACache
+from mlx_ksa.kernels import decode
 from tests.helpers import random_ids, run_steps, tiny_checkpoint
+from tests.test_decode_kernel import emulator
 
 # Prefill straddling calls, decode steps completing chunks, past every window.
 SIZES = [33, 1, 1, 1, 20, 1, 1, 1, 1, 60]
@@ -118,3 +121,31 @@ def test_generate_step_with_kv_bits(model):
     assert tokens == dense
     with pytest.raises(ValueError, match="already quantized"):
         cache[0].to_quantized(64, 4)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32)])
+def test_decode_steps_on_the_quantized_kernel(model, bits, group_size, monkeypatch):
+    """QuantizedKSACache.decode hands its buffer's parts to the decode
+    kernel's quantized variant (run here by the CPU Metal emulator, as on a
+    GPU): every layer's decode steps, one completing a chunk, give the
+    logits of the reference path (mlx-lm's quantized SDPA) on the same cache."""
+    emu = emulator()
+    ids, sizes = random_ids(37, 96, seed=9), [33, 1, 1, 1, 1]
+    expected = run_steps(model, ids, sizes, quantized_cache(model, group_size, bits))
+
+    served = []
+
+    def on_emulator(q, keys, values, start, end, sum_end, scale, quant=None):
+        assert quant == (group_size, bits) and decode.supported(q, keys, values, quant)
+        served.append(q.shape[2])
+        partial, reduce = decode.kernels("metal", "quantized")
+        launch = decode.plan_partial(q, keys, values, start, end, sum_end, scale, split_len=8, quant=quant)
+        part_o, part_ml = emu.run_metal_kernel(partial, **launch)
+        out = emu.run_metal_kernel(reduce, **decode.plan_reduce(q, mx.array(part_o), mx.array(part_ml)))[0]
+        return mx.array(out).astype(q.dtype)
+
+    monkeypatch.setattr(cache_module.decode_kernel, "decode_attention", on_emulator)
+    got = run_steps(model, ids, sizes, quantized_cache(model, group_size, bits))
+    layers = len(mlx_ksa.make_prompt_cache(model))
+    assert len(served) == layers * 4 and max(served) > 1  # every step; summary rows too
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
