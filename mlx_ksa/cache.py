@@ -450,7 +450,7 @@ class QuantizedKSACache(KSACache):
         out = decode_kernel.decode_attention(*args, quant=(self.group_size, self.bits))
         if out is not None:
             return out
-        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        if mx.default_device().type == mx.gpu and mx.cuda.is_available():
             # MLX's CUDA back end has no quantized_matmul for the shapes of
             # mlx-lm's quantized SDPA (one query row against thousands of
             # keys: "No implementation for problem shape"), so there the

@@ -149,3 +149,27 @@ def test_decode_steps_on_the_quantized_kernel(model, bits, group_size, monkeypat
     layers = len(mlx_ksa.make_prompt_cache(model))
     assert len(served) == layers * 4 and max(served) > 1  # every step; summary rows too
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_cuda_fallback_dequantizes_instead_of_quantized_sdpa(model, monkeypatch):
+    """Where no kernel serves on MLX's CUDA back end, decode steps dequantize
+    the slices they read and run plain SDPA: mlx-lm's quantized SDPA finds no
+    CUDA quantized_matmul for a decode step's shapes. Forced here on the CPU
+    by claiming a CUDA GPU; the logits stay those of the quantized SDPA."""
+    ids, sizes = random_ids(40, 96, seed=10), [1, 1, 1, 1, 1, 1, 1]
+    prefill = random_ids(33, 96, seed=11)
+    caches = [quantized_cache(model, 32, 4) for _ in range(2)]
+    for cache in caches:
+        run_steps(model, prefill, [33], cache)
+    expected = run_steps(model, ids[:7], sizes, caches[0])
+
+    def crash(*a, **kw):
+        raise RuntimeError("[quantized_matmul] No implementation for problem shape")
+
+    # Kernels off, so that none is picked for the claimed CUDA back end.
+    monkeypatch.setattr(mlx_ksa.kernels, "_enabled", False)
+    monkeypatch.setattr(cache_module, "quantized_scaled_dot_product_attention", crash)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    got = run_steps(model, ids[:7], sizes, caches[1])
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
