@@ -239,6 +239,8 @@ def test_quantized_variant_serves_only_its_layouts():
     assert not decode.supported(q, parts(64, 4, mx.float32), parts(64, 4, mx.float32), (64, 4))
     assert not decode.supported(q, parts(64, 4), parts(64, 4), None)  # parts are not a dense buffer
     assert not decode.supported(q, parts(64, 8), parts(64, 8), (64, 4))  # the wrong bits
+    dense = mx.zeros((1, 2, 8, 64), mx.float16)
+    assert not decode.supported(q, dense, dense, (64, 4))  # a dense buffer is no parts
 
 
 def test_metal_quantized_kernel_is_race_free():

@@ -93,7 +93,8 @@ def supported(q, keys, values, quant=None):
             and H % keys.shape[1] == 0
         )
     group_size, bits = quant
-    if group_size not in QUANT_GROUPS or bits not in QUANT_BITS or len(keys) != 3 or len(values) != 3:
+    if group_size not in QUANT_GROUPS or bits not in QUANT_BITS or not all(
+            isinstance(x, tuple) and len(x) == 3 for x in (keys, values)):
         return False
     (kw, ks, kb), (vw, vs, vb) = keys, values
     shape = (B, kw.shape[1], kw.shape[2])
