@@ -45,7 +45,7 @@ class TrainArgs:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_checkpoint: bool = False
-    compile: bool = True
+    compile: bool = False
     save_every: int = 0
     eval_every: int = 0
     val_batches: int = 4
@@ -317,7 +317,8 @@ HELP = {
     "schedule": "cosine, or wsd (warm-up, stable, linear decay)", "decay_fraction": "wsd: share of steps decaying",
     "weight_decay": "AdamW weight decay", "grad_clip": "global gradient-norm clip (0: off)",
     "grad_checkpoint": "recompute each block in the backward pass (less memory)",
-    "compile": "trace the training step once (mx.compile)",
+    "compile": "trace the training step once (mx.compile): faster for small models; on MLX 0.32.4's "
+               "CUDA back end a float32 model without summaries stalls in its first compiled step",
     "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "validation every N steps",
     "val_batches": "batches per validation", "report_every": "log every N steps", "seed": "data order and init",
 }
@@ -328,10 +329,7 @@ def _add_train_args(p, prefix=""):
     for f in fields(TrainArgs):
         flag = "--" + "-".join(filter(None, (prefix, f.name.replace("_", "-"))))
         dest, text = "_".join(filter(None, (prefix, f.name))), HELP[f.name] + (f" ({prefix})" if prefix else "")
-        if isinstance(f.default, bool) and f.default:
-            flag = "--" + "-".join(filter(None, (prefix, "no", f.name.replace("_", "-"))))
-            p.add_argument(flag, action="store_false", dest=dest, help="do not " + text)
-        elif isinstance(f.default, bool):
+        if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", dest=dest, help=text)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, dest=dest, help=text)
