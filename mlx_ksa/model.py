@@ -116,8 +116,19 @@ class Step:
     """What every layer needs to know about the current call."""
     t0: Any  # text index of the first new text token (one per row in a batch decode step)
     n: int  # new text tokens
-    cos: mx.array  # [1 or B, 1, L, D]: per batch row in a batch decode step
-    sin: mx.array
+    cos: Optional[mx.array]  # [1 or B, 1, L, D]: per batch row in a batch decode step
+    sin: Optional[mx.array]
+    # Without tables: the one position of a plain decode step (mx.fast.rope's offset).
+    offset: Optional[mx.array] = None
+    theta: float = 0.0
+
+    def rope(self, x):
+        if self.cos is None:
+            # One fused op instead of the half-split arithmetic: decode steps
+            # that complete no chunk (7 in 8) are launch-bound.
+            return mx.fast.rope(x, x.shape[-1], traditional=False, base=self.theta, scale=1.0,
+                                offset=self.offset)
+        return apply_rope(x, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -158,7 +169,7 @@ class Attention(nn.Module):
             mixed = [mix * s + (1 - mix) * b[:, n:] for s, b in zip(self._qkv(x[:, n:], "_summary"), (q, k, v))]
             q, k, v = (mx.concatenate([b[:, :n], s], axis=1) for b, s in zip((q, k, v), mixed))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        q, k = step.rope(q), step.rope(k)
         if cache is not None and n == 1:
             out = cache.decode(q, k, v, self.scale)
         else:
@@ -239,9 +250,12 @@ class KSAModel(nn.Module):
             h = mx.concatenate([h, mx.broadcast_to(summaries, (B, *summaries.shape))], axis=1)
         positions = np.stack([np.concatenate([layout.text_positions(t, n), layout.summary_positions(c, m)])
                               for t, c in zip(starts, c0)])
-        cos, sin = rope_cos_sin(positions.reshape(-1), args.head_dim, args.rope_theta, h.dtype)
-        cos, sin = (x.reshape(*positions.shape, -1)[:, None] for x in (cos, sin))
-        step = Step(t0, n, cos, sin)
+        if positions.shape == (1, 1):
+            step = Step(t0, n, None, None, mx.array(int(positions[0, 0]), mx.int32), args.rope_theta)
+        else:
+            cos, sin = rope_cos_sin(positions.reshape(-1), args.head_dim, args.rope_theta, h.dtype)
+            cos, sin = (x.reshape(*positions.shape, -1)[:, None] for x in (cos, sin))
+            step = Step(t0, n, cos, sin)
         for i, layer in enumerate(self.layers):
             h = layer(h, step, cache[i] if cache is not None else None)
         return self.norm(h[:, :n])
