@@ -294,8 +294,16 @@ class KSACache(_BaseCache):
         """
         ranges = self.store_decode(keys, values)
         args = (q, self.keys, self.values, *ranges, scale)
-        out = decode_kernel.decode_attention(*args)
-        return decode_reference(*args) if out is None else out
+        out = decode_kernel.decode_attention(*args, quant=self._quant())
+        return decode_reference(*args, self._sdpa()) if out is None else out
+
+    def _quant(self):
+        """(group_size, bits) of a quantized buffer, for the kernel; None: dense."""
+        return None
+
+    def _sdpa(self):
+        """The attention `decode_reference` runs over slices of the buffer."""
+        return mx.fast.scaled_dot_product_attention
 
     def store_decode(self, keys, values):
         """Stores one decode step's keys and values (see `decode`).
@@ -442,25 +450,19 @@ class QuantizedKSACache(KSACache):
             return mx.zeros((*packed.shape[:3], packed.shape[3] * 32 // self.bits), scales.dtype)
         return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
 
-    def decode(self, q, keys, values, scale):
-        """KSACache.decode over the quantized buffer: the fused kernel's
-        quantized variant reads the packed parts in place where it serves."""
-        ranges = self.store_decode(keys, values)
-        args = (q, self.keys, self.values, *ranges, scale)
-        out = decode_kernel.decode_attention(*args, quant=(self.group_size, self.bits))
-        if out is not None:
-            return out
+    def _quant(self):
+        return self.group_size, self.bits
+
+    def _sdpa(self):
         if mx.default_device().type == mx.gpu and mx.cuda.is_available():
             # MLX's CUDA back end has no quantized_matmul for the shapes of
             # mlx-lm's quantized SDPA (one query row against thousands of
             # keys: "No implementation for problem shape"), so there the
             # reference dequantizes the slices it reads and runs plain SDPA.
-            sdpa = lambda q, k, v, **kw: mx.fast.scaled_dot_product_attention(
+            return lambda q, k, v, **kw: mx.fast.scaled_dot_product_attention(
                 q, self._decode(k), self._decode(v), **kw)
-        else:
-            sdpa = functools.partial(quantized_scaled_dot_product_attention,
-                                     group_size=self.group_size, bits=self.bits)
-        return decode_reference(*args, sdpa)
+        return functools.partial(quantized_scaled_dot_product_attention,
+                                 group_size=self.group_size, bits=self.bits)
 
     def to_quantized(self, group_size=64, bits=4):
         # mlx-lm asks again at every step once the cache qualifies.
@@ -583,7 +585,7 @@ class BatchKSACache(_BaseCache):
         return start, end, sum_end
 
     # One sequence's decode step, over the shared buffer with per-row ranges.
-    decode = KSACache.decode
+    decode, _quant, _sdpa = KSACache.decode, KSACache._quant, KSACache._sdpa
 
     # -- the rest of the protocol ------------------------------------------
     def filter(self, batch_indices):
