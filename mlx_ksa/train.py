@@ -17,7 +17,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -288,6 +288,10 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
     (everything trains while mix_coeff falls 1 -> 0). The result has mix 0."""
     from mlx_lm import load as load_dense
 
+    if anneal.compile:
+        # mix_coeff is a Python float that a compiled step would freeze at its first value.
+        raise ValueError("the anneal stage cannot be compiled (--anneal-compile): mix_coeff changes every step")
+
     teacher, tokenizer, dense_config = load_dense(str(dense_path), return_config=True)
     teacher.freeze()
     student, cfg = dense_to_ksa(teacher, dense_config, chunk=chunk, summaries=summaries, windows=windows)
@@ -301,9 +305,8 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
     def mix(step):
         student.args.mix_coeff = 1.0 - step / anneal.steps
 
-    # mix_coeff is a Python float that a compiled step would freeze at its first value.
     train(student, cfg, Batches(pack(tokens, anneal.seq_len), anneal.batch_size, anneal.seed + 1),
-          replace(anneal, compile=False), out / "anneal", on_step=mix, val=val, log=log)
+          anneal, out / "anneal", on_step=mix, val=val, log=log)
     student.args.mix_coeff = 0.0
     cfg["mix_coeff"] = 0.0
     save_pretrained(out, student, cfg, tokenizer)

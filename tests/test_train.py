@@ -143,3 +143,6 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert T.main(["finetune", "--model", str(tmp_path / "missing"), "--data", "x.txt",
                    "--out", str(tmp_path / "o")]) == 1
     assert "error:" in capsys.readouterr().err
+    assert T.main(["cpt", "--dense", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o"),
+                   "--anneal-compile"]) == 1
+    assert "--anneal-compile" in capsys.readouterr().err
