@@ -104,8 +104,6 @@ def _read_config(src):
         raise ValueError(f"{src} is already quantized: convert from the float checkpoint")
     try:
         args = ModelArgs.from_dict(config)
-    except TypeError as e:  # a required key is missing
-        raise ValueError(f"{file} is not a KSA config: {e}") from None
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
     return config, args

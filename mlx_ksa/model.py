@@ -7,7 +7,7 @@ the two streams see each other. Logits come back for text tokens only, over
 the text vocabulary.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional, Union
 
 import mlx.core as mx
@@ -59,6 +59,16 @@ class ModelArgs(BaseModelArgs):
     quantization: Optional[dict] = None
     windows: list = field(init=False)
     layout: Layout = field(init=False)
+
+    @classmethod
+    def from_dict(cls, params):
+        """mlx-lm's from_dict, with a missing key named in a ValueError
+        instead of a TypeError from the dataclass constructor."""
+        required = [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in params]
+        if missing:
+            raise ValueError(f"config is missing {', '.join(missing)}")
+        return super().from_dict(params)
 
     def __post_init__(self):
         if not self.use_summary_attention:
