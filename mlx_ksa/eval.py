@@ -294,7 +294,8 @@ def plot(summary, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_ksa.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="KSA model (anything mlx_ksa.load accepts)")
+    p.add_argument("--model", help="a model directory or Hugging Face repo id, as for mlx_ksa.generate "
+                   "(default: the model shipped in the package); dense models load through mlx-lm")
     p.add_argument("--dense", action="store_true", help="load --model with mlx_lm.load (a dense baseline)")
     p.add_argument("--tasks", nargs="+", default=["passkey"], choices=sorted(TASKS))
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
@@ -313,11 +314,14 @@ def main(argv=None):
     try:
         if any(d < 0 or d > 1 for d in a.depths) or any(L < 64 for L in a.lengths) or a.trials < 1:
             raise ValueError("depths must lie in [0, 1], lengths be >= 64 tokens, trials >= 1")
+        from .generate import load_any, resolve_model
+
         if a.dense:
-            from mlx_lm import load as load_any
+            from mlx_lm import load as mlx_lm_load
+
+            model, tokenizer = mlx_lm_load(str(resolve_model(a.model)))
         else:
-            from .utils import load as load_any
-        model, tokenizer = load_any(a.model)
+            model, tokenizer = load_any(a.model)
         start, rows = time.perf_counter(), []
         kv = {"kv_bits": a.kv_bits, "kv_group_size": a.kv_group_size if a.kv_bits else None}
         for task in a.tasks:

@@ -111,6 +111,14 @@ def test_cli_rejects_bad_depth(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_cli_model_defaults_to_the_shipped_one_and_names_a_bad_one(tmp_path, capsys):
+    assert E.main(["--model", str(tmp_path / "nope")]) == 1
+    assert f"error: model {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert E.main(["--lengths", "64", "--depths", "0", "--trials", "1", "--out", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["length"] == 64
+
+
 def test_perplexity_is_exp_mean_ce_over_windows(tmp_path):
     import mlx.core as mx
 
