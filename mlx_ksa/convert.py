@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -41,6 +40,7 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 
 from .model import Model, ModelArgs
 from .torch_pickle import open_torch_checkpoint
+from .utils import local_path
 
 Q_BITS = (2, 3, 4, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -51,7 +51,6 @@ STAGE_BYTES = 1 << 30
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 # Fetched only from a repo without safetensors, so a repo with both formats is downloaded once.
 HUB_PICKLES = ["*.bin", "*.pt", "*.pth"]
-REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "*.tiktoken", "chat_template.jinja",
@@ -69,14 +68,11 @@ MUSE_NAMES = {"summary_embedding.weight": "model.summary_embedding", "model.outp
 
 def _fetch(hf_path, revision):
     """(local directory, hub repo id or None)."""
-    path = Path(hf_path)
-    if path.exists():
+    path = local_path(hf_path)
+    if path is not None:
         if not path.is_dir():
             raise ValueError(f"{path} is not a directory (give the model directory, with its config.json)")
         return path, None
-    # Only a name shaped like "owner/model" goes to the hub: a mistyped local path fails at once.
-    if not REPO_ID.fullmatch(str(hf_path)) or str(hf_path).startswith("."):
-        raise ValueError(f"{hf_path} does not exist (and is not a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
 
     try:

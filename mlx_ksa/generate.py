@@ -37,7 +37,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cache import KSACache
 from .model import Model
-from .utils import load  # importing mlx_ksa registers KSACache for load_prompt_cache
+from .utils import load, local_path  # importing mlx_ksa registers KSACache for load_prompt_cache
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -113,15 +113,12 @@ def resolve_model(spec=None, revision=None):
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise ValueError(f"the default model is missing from the package ({DEFAULT_MODEL}): pass --model")
         return DEFAULT_MODEL
-    path = Path(spec).expanduser()
-    if path.exists():
+    path = local_path(spec)
+    if path is not None:
         if not path.is_dir():
             raise ValueError(f"model {spec} is not a directory")
         return _converted(path, str(path)) if needs_conversion(path) else path
-    from .convert import HUB_PATTERNS, REPO_ID
-
-    if not REPO_ID.fullmatch(str(spec)) or str(spec).startswith("."):
-        raise ValueError(f"model {spec} does not exist (and is not a Hugging Face repo id)")
+    from .convert import HUB_PATTERNS
     from mlx_lm.utils import _download
 
     try:

@@ -1,6 +1,7 @@
 """Loading KSA models: official HF-format checkpoints and mlx-ksa directories."""
 
 import json
+import re
 from pathlib import Path
 
 from mlx_lm.utils import _download, load_tokenizer
@@ -37,10 +38,27 @@ def load_model(path, lazy=False, model_config=None):
         raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
 
 
+# What may go to the Hugging Face hub: "name" or "owner/name". Anything else
+# that does not exist locally is a mistyped path, reported as one.
+REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def local_path(spec):
+    """The existing local path `spec` names, or None for a hub repo id; a
+    ValueError when it is neither."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if not REPO_ID.fullmatch(str(spec)) or str(spec).startswith("."):
+        raise ValueError(f"model {spec} does not exist (and is not a Hugging Face repo id)")
+    return None
+
+
 def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
          lazy=False, return_config=False, revision=None):
     """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded.
     adapter_path: LoRA adapters saved by `python -m mlx_ksa.train finetune`."""
+    local_path(path_or_hf_repo)
     path = _download(str(path_or_hf_repo), revision=revision)
     model, config = load_model(path, lazy, model_config=model_config)
     if adapter_path is not None:

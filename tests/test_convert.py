@@ -400,6 +400,9 @@ def test_bad_arguments(case, tmp_path):
         mlx_ksa.convert(src, src / "mlx")
     with pytest.raises(ValueError, match="does not exist"):
         mlx_ksa.convert(tmp_path / "missing", tmp_path / "dst")
+    # The same check guards mlx_ksa.load, before mlx-lm's hub download sees the path.
+    with pytest.raises(ValueError, match=r"missing does not exist \(and is not a Hugging Face repo id\)"):
+        mlx_ksa.load(tmp_path / "missing")
     assert leftovers(tmp_path) == []
 
 
