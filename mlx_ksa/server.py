@@ -136,6 +136,8 @@ _provider = None
 def run(host, port, model_provider, server_class=ThreadingHTTPServer, handler_class=APIHandler):
     """mlx_lm.server.run with the KSA prompt cache and handler; logs the bound port."""
     global _provider
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must lie in 0..65535 (0: any free port), got {port}")
     _provider = model_provider
     prompt_cache = PromptCache(model_provider.cli_args.prompt_cache_size)
     if model_provider.cli_args.prompt_cache_bytes is not None:

@@ -184,6 +184,15 @@ def test_speculative_decoding_in_the_server(tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(error), r.stderr
 
 
+def test_bad_port_is_one_line(tmp_path):
+    model = make_model(tmp_path / "model")[0]
+    r = subprocess.run([sys.executable, "-m", "mlx_ksa.server", "--model", str(model), "--port", "70000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "MLX_KSA_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: --port must lie in 0..65535 (0: any free port), got 70000"), r.stderr
+
+
 def test_kv_bits_in_the_server(tmp_path):
     model = make_model(tmp_path / "model", head_dim=64)[0]  # mx.quantize groups of 32 or 64
     messages = [{"role": "user", "content": "Quantize my cache."}]
