@@ -80,9 +80,10 @@ def test_metal_backward_matches_reference_vjp(emulator, case):
     check_grads(run_emulated(emulator, arrays, opts, cot), arrays, opts, cot)
 
 
-def test_metal_backward_is_clean_under_thread_sanitizer(emulator):
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_metal_backward_is_clean_under_sanitizers(emulator, sanitizer):
     arrays, opts, cot = make_grad_case(1, 2, 1, 64, 4, 1, 1, 5, 14, mx.float32)
-    check_grads(run_emulated(emulator, arrays, opts, cot, "thread"), arrays, opts, cot)
+    check_grads(run_emulated(emulator, arrays, opts, cot, sanitizer), arrays, opts, cot)
 
 
 def test_launch_covers_every_row():
