@@ -37,9 +37,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cache import KSACache
 from .model import Model
-from .utils import load, local_path  # importing mlx_ksa registers KSACache for load_prompt_cache
+from .utils import DEFAULT_MODEL, load, local_path  # importing mlx_ksa registers KSACache for load_prompt_cache
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_PREFILL_STEP_SIZE = 2048

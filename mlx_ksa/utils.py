@@ -38,6 +38,9 @@ def load_model(path, lazy=False, model_config=None):
         raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
 
 
+# The small KSA model shipped inside the package (its card: README.md there).
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
 # What may go to the Hugging Face hub: "name" or "owner/name". Anything else
 # that does not exist locally is a mistyped path, reported as one.
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -54,9 +57,10 @@ def local_path(spec):
     return None
 
 
-def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None,
+def load(path_or_hf_repo=DEFAULT_MODEL, tokenizer_config=None, model_config=None, adapter_path=None,
          lazy=False, return_config=False, revision=None):
-    """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded.
+    """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded;
+    no argument: the model shipped in the package.
     adapter_path: LoRA adapters saved by `python -m mlx_ksa.train finetune`."""
     local_path(path_or_hf_repo)
     path = _download(str(path_or_hf_repo), revision=revision)

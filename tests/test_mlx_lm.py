@@ -62,3 +62,14 @@ def test_prompt_cache_reuse_across_calls(loaded):
     cont = [int(t) for t, _ in generate_step(mx.array(prompt[21:]), model, max_tokens=6, prompt_cache=cache)]
     assert cont == fresh
     assert cache[0].offset >= len(prompt) + 5
+
+
+def test_load_without_arguments_gives_the_shipped_model():
+    """A notebook's first line: mlx_ksa.load() with no path is the package's own model."""
+    from mlx_ksa.utils import DEFAULT_MODEL
+
+    model, tokenizer = mlx_ksa.load()
+    same, _ = mlx_ksa.load(str(DEFAULT_MODEL))
+    ids = mx.array(tokenizer.encode("def fibonacci(n):"))[None]
+    assert mx.array_equal(model(ids), same(ids))
+    assert generate(model, tokenizer, "def fibonacci(n):", max_tokens=8)
