@@ -315,3 +315,15 @@ def test_generate_example_runs(env):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "--- the KV cache after that reply ---" in r.stdout and "dense / KSA" in r.stdout
+
+
+def test_readme_python_example_runs_outside_the_checkout(tmp_path):
+    """The README's Python block, up to its hub download (no network here),
+    from a directory that is not the source checkout."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    offline = block.split("\n# Convert an official")[0]
+    assert "mlx_ksa.load()" in offline and "stream_generate" in offline
+    r = subprocess.run([sys.executable, "-c", offline], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "tokens," in r.stdout and "bytes of KV cache" in r.stdout
