@@ -8,9 +8,9 @@ Two variants, one partial body: "dense" reads K/V arrays, "quantized" reads
 QuantizedKSACache's buffers, each given as the tuple of parts mx.quantize
 makes (packed words, scales, biases), dequantizing rows as it loads them. The
 variant's prelude section (the input names and the row loader) goes before the
-shared partial body. The launch
-parameters come from the plain functions `plan_partial` and `plan_reduce`, so
-the tests can hand exactly what the real launch gets to the CPU Metal emulator.
+shared partial body. The launch parameters come from the plain functions
+`plan_partial` and `plan_reduce`, so the tests can hand exactly what the real
+launch gets to the CPU Metal emulator.
 """
 
 import functools
