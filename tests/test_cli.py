@@ -327,3 +327,14 @@ def test_readme_python_example_runs_outside_the_checkout(tmp_path):
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert "tokens," in r.stdout and "bytes of KV cache" in r.stdout
+
+
+def test_convert_and_quantize_example_runs(env, tmp_path):
+    from tests.helpers import tiny_checkpoint
+
+    src, cfg, _ = tiny_checkpoint(tmp_path / "src", hidden_size=128, head_dim=64)
+    r = subprocess.run([sys.executable, "examples/convert_and_quantize.py", str(src), str(tmp_path / "work")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^bf16: '", r.stdout, re.M) and re.search(r"^q4: '", r.stdout, re.M), r.stdout
+    assert json.loads((tmp_path / "work" / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
