@@ -238,8 +238,8 @@ class KSAModel(nn.Module):
         # text embedding never touches them.
         self.embed_tokens = nn.Embedding(args.summary_token_begin, args.hidden_size)
         if args.summary_token_num:
-            # No zero-row parameter for S = 0: empty arrays in a compiled
-            # training step (AdamW's update of them) stall MLX's CUDA back end.
+            # S = 0 (the no-summary baseline) has no parameter rather than an
+            # empty one that optimizers and checkpoints would carry around.
             self.summary_embedding = mx.zeros((args.summary_token_num, args.hidden_size))
         self.layers = [TransformerBlock(args, w) for w in args.windows]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
