@@ -53,12 +53,17 @@ def sections(text):
     return out
 
 
+def _parts_and_maker(back_end):
+    """The back end's source sections and its mx.fast kernel constructor."""
+    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
+    return sections(source(_FILES[back_end])), make
+
+
 @functools.lru_cache(maxsize=None)
 def kernels(back_end, variant="dense"):
     """(partial, reduce) kernel objects of a back end and variant ("dense"
     or "quantized"), built once."""
-    parts = sections(source(_FILES[back_end]))
-    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
+    parts, make = _parts_and_maker(back_end)
     partial = make(
         name=f"ksa_decode_partial_{variant}", input_names=["q", *_BUFFERS[variant], "params", "scale"],
         output_names=["part_o", "part_ml"], source=parts[variant] + parts["partial"],
@@ -72,8 +77,7 @@ def kernels(back_end, variant="dense"):
 @functools.lru_cache(maxsize=None)
 def _reduce(back_end):
     # Both variants' partials have one layout: one reduce serves them.
-    parts = sections(source(_FILES[back_end]))
-    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
+    parts, make = _parts_and_maker(back_end)
     return make(
         name="ksa_decode_reduce", input_names=["part_o", "part_ml"],
         output_names=["out"], source=parts["reduce"], header=parts["header"],
