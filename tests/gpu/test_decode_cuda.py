@@ -143,7 +143,7 @@ def test_model_with_kernels_equals_cpu_reference(dtype, tol, monkeypatch):
     served = []
     kernel = decode.decode_attention
     monkeypatch.setattr(cache_module.decode_kernel, "decode_attention",
-                        lambda *a: served.append(1) or kernel(*a))
+                        lambda *a, **kw: served.append(1) or kernel(*a, **kw))
     got = run(model, prompt, tokens[:-1], mx.gpu)
     assert len(served) == 4 * len(tokens[:-1])  # every layer, every step, on the kernel
     assert np.abs(got - expected).max() <= tol * max(1.0, np.abs(expected).max())
@@ -178,7 +178,7 @@ def test_batched_decode_with_kernels_equals_rows_alone(dtype, tol, monkeypatch):
     batched = []  # kernel calls with one range per row
     kernel = decode.decode_attention
     monkeypatch.setattr(cache_module.decode_kernel, "decode_attention",
-                        lambda *a: batched.append(np.ndim(a[3]) == 1) or kernel(*a))
+                        lambda *a, **kw: batched.append(np.ndim(a[3]) == 1) or kernel(*a, **kw))
     caches = [prefilled(p) for p in prompts]
     batch = [cache_module.KSACache.merge([c[i] for c in caches]) for i in range(len(caches[0]))]
     got = np.stack([np.array(model(mx.array(step)[:, None], cache=batch)[:, -1].astype(mx.float32))
