@@ -16,66 +16,82 @@
 // no inf - inf can appear.
 constexpr float NEG_BIG = -3.0e38f;
 constexpr float LOG2E = 1.4426950408889634f;
-constexpr int U = 4;  // keys a warp loads at once
+constexpr int U = 4;  // V rows a warp loads at once
+constexpr int C = 8;  // elements of its key's K row a lane loads at once
 
 __device__ inline float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
 
-// One lane's E consecutive head-dim elements of a K/V row, as float, in one
-// vector load (rows are E-aligned: the head dim is contiguous and D = 32 * E).
-template <typename T, int E>
+__device__ inline float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// N consecutive elements of a K/V row, as float, in one vector load (the
+// head dim is contiguous, rows start at multiples of D and p at a multiple
+// of N elements).
+template <typename T, int N>
 __device__ inline void load_row(const T* p, float* out) {
-  struct alignas(sizeof(T) * E) Row { T v[E]; };
+  struct alignas(sizeof(T) * N) Row { T v[N]; };
   const Row row = *reinterpret_cast<const Row*>(p);
 #pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = static_cast<float>(row.v[e]);
+  for (int e = 0; e < N; ++e) out[e] = static_cast<float>(row.v[e]);
 }
 
 // An array laid out [B, Hkv, slots, *] (the head dim, or its packed words,
-// scales or biases, contiguous): at() moves to a batch row, KV head and
-// column, row(i) is slot i there.
+// scales or biases, contiguous): at() moves to a batch row and KV head,
+// row(i) is slot i there.
 template <typename P>
 struct Strided {
   const P* p;
   int64_t batch, head, slot;
-  __device__ Strided at(int b, int hk, int column) const { return {p + b * batch + hk * head + column, batch, head, slot}; }
+  __device__ Strided at(int b, int hk) const { return {p + b * batch + hk * head, batch, head, slot}; }
   __device__ const P* row(int i) const { return p + i * slot; }
 };
 
 // The two ways K/V rows are stored; the partial body reads them through
-// Rows (chosen by the variant's prelude): at(b, hk, lane) is the lane's part
-// of the rows of a batch row and KV head, load(i, out) its E elements of
-// slot i as float.
+// Rows (chosen by the variant's prelude): at(b, hk) is the rows of a batch
+// row and KV head; load(i, d0, out) gives elements d0.. of slot i as float,
+// E = D / 32 of them (a lane's share of a V row), load_chunk(i, d0, out) C
+// of them (a piece of the K row of the lane's own key). d0 is a multiple of
+// the count.
 // Dense: one array of T.
 template <typename T, int D>
 struct DenseRows {
   Strided<T> x;
-  __device__ DenseRows at(int b, int hk, int lane) const { return {x.at(b, hk, lane * (D / 32))}; }
-  __device__ void load(int i, float* out) const { load_row<T, D / 32>(x.row(i), out); }
+  __device__ DenseRows at(int b, int hk) const { return {x.at(b, hk)}; }
+  __device__ void load(int i, int d0, float* out) const { load_row<T, D / 32>(x.row(i) + d0, out); }
+  __device__ void load_chunk(int i, int d0, float* out) const { load_row<T, C>(x.row(i) + d0, out); }
 };
 
 // mx.quantize (affine): element j of a row is the BITS-bit field at bit
 // (j * BITS) % 32 of word j * BITS / 32, worth scale * field + bias, with one
-// scale and bias per GS elements. A lane's E = D / 32 elements (E * BITS <= 32
-// bits, at a multiple of E * BITS) lie in one word and one group: each row
-// costs the lane one word, one scale and one bias.
+// scale and bias per GS elements. N elements from a multiple of N (N <= GS,
+// both powers of two) lie in one group, and their N * BITS bits, at a
+// multiple of N * BITS, either lie in one word (N * BITS <= 32) or fill
+// whole words from the first one's bit 0.
 template <typename T, int D, int BITS, int GS>
 struct QuantRows {
   Strided<uint32_t> w;
   Strided<T> s, z;
-  int shift;  // the lane's first bit in its word
-  __device__ QuantRows at(int b, int hk, int lane) const {
-    const int bit = lane * (D / 32) * BITS, group = lane * (D / 32) / GS;
-    return {w.at(b, hk, bit / 32), s.at(b, hk, group), z.at(b, hk, group), bit % 32};
-  }
-  __device__ void load(int i, float* out) const {
-    const uint32_t word = *w.row(i) >> shift;
-    const float a = static_cast<float>(*s.row(i)), c = static_cast<float>(*z.row(i));
+  __device__ QuantRows at(int b, int hk) const { return {w.at(b, hk), s.at(b, hk), z.at(b, hk)}; }
+  template <int N>
+  __device__ void get(int i, int d0, float* out) const {
+    constexpr int PER = N * BITS < 32 ? N : 32 / BITS;  // elements taken per word
+    const uint32_t* p = w.row(i) + d0 * BITS / 32;
+    const int shift = d0 * BITS % 32;
+    const float a = static_cast<float>(s.row(i)[d0 / GS]), c = static_cast<float>(z.row(i)[d0 / GS]);
 #pragma unroll
-    for (int e = 0; e < D / 32; ++e) out[e] = a * static_cast<float>((word >> (e * BITS)) & ((1u << BITS) - 1)) + c;
+    for (int k = 0; k < N / PER; ++k) {
+      const uint32_t word = p[k] >> shift;
+#pragma unroll
+      for (int e = 0; e < PER; ++e) out[k * PER + e] = a * static_cast<float>((word >> (e * BITS)) & ((1u << BITS) - 1)) + c;
+    }
   }
+  __device__ void load(int i, int d0, float* out) const { get<D / 32>(i, d0, out); }
+  __device__ void load_chunk(int i, int d0, float* out) const { get<C>(i, d0, out); }
 };
 
 //// dense
@@ -94,16 +110,16 @@ const int n = Kt_shape[2];  // slots in the view
 using Rows = QuantRows<T, D, BITS, GS>;
 const Rows K_all = {{Kw, Kw_strides[0], Kw_strides[1], Kw_strides[2]},
                     {Ks, Ks_strides[0], Ks_strides[1], Ks_strides[2]},
-                    {Kb, Kb_strides[0], Kb_strides[1], Kb_strides[2]}, 0};
+                    {Kb, Kb_strides[0], Kb_strides[1], Kb_strides[2]}};
 const Rows V_all = {{Vw, Vw_strides[0], Vw_strides[1], Vw_strides[2]},
                     {Vs, Vs_strides[0], Vs_strides[1], Vs_strides[2]},
-                    {Vb, Vb_strides[0], Vb_strides[1], Vb_strides[2]}, 0};
+                    {Vb, Vb_strides[0], Vb_strides[1], Vb_strides[2]}};
 const Rows K_text = {{Ktw, Ktw_strides[0], Ktw_strides[1], Ktw_strides[2]},
                      {Kts, Kts_strides[0], Kts_strides[1], Kts_strides[2]},
-                     {Ktb, Ktb_strides[0], Ktb_strides[1], Ktb_strides[2]}, 0};
+                     {Ktb, Ktb_strides[0], Ktb_strides[1], Ktb_strides[2]}};
 const Rows V_text = {{Vtw, Vtw_strides[0], Vtw_strides[1], Vtw_strides[2]},
                      {Vts, Vts_strides[0], Vts_strides[1], Vts_strides[2]},
-                     {Vtb, Vtb_strides[0], Vtb_strides[1], Vtb_strides[2]}, 0};
+                     {Vtb, Vtb_strides[0], Vtb_strides[1], Vtb_strides[2]}};
 const int n = Ktw_shape[2];  // slots in the view
 
 //// partial
@@ -131,6 +147,7 @@ const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
 const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
 
+__shared__ float tg_q[G * D];
 __shared__ float tg_o[NW * D];
 __shared__ float tg_m[NW];
 __shared__ float tg_l[NW];
@@ -139,63 +156,91 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // Key range of this row; keys in [skip_lo, skip_hi) are masked out.
   int lo = 0, hi = sum_end, skip_lo = r, skip_hi = R - 1, part = n_splits + r - 1;
   // Summary rows read the whole buffer, text rows the view (slot 0 = first).
-  Rows kr = K_all.at(b, hk, lane), vr = V_all.at(b, hk, lane);
+  Rows kr = K_all.at(b, hk), vr = V_all.at(b, hk);
   if (text) {
     lo = start + x * split_len;
     hi = min(end, lo + split_len);
     skip_lo = skip_hi = 0;
     part = x;
-    kr = K_text.at(b, hk, lane);
-    vr = V_text.at(b, hk, lane);
+    kr = K_text.at(b, hk);
+    vr = V_text.at(b, hk);
   }
-  float qv[G][E], o[G][E], m[G], l[G];
+  // The G query rows, scaled, where every lane reads them: a lane's dot
+  // products take each q element as a broadcast. (The last row's readers
+  // are past the merge's barriers.)
+  for (int t = tid; t < G * D; t += NW * 32)
+    tg_q[t] = static_cast<float>(q[b * q_strides[0] + (hk * G + t / D) * q_strides[1] + r * q_strides[2] + t % D]) * qscale;
+  __syncthreads();
+  // m is the simdgroup's running max (the same in every lane); o and l are
+  // the lane's: o its E output elements, l the sum of its own keys' weights
+  // (summed over the simdgroup at the merge).
+  float o[G][E], m[G], l[G];
   #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const T* qp = q + b * q_strides[0] + (hk * G + g) * q_strides[1] + r * q_strides[2] + lane * E;
     #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      qv[g][e] = static_cast<float>(qp[e]) * qscale;
-      o[g][e] = 0.0f;
-    }
+    for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
     m[g] = NEG_BIG;
     l[g] = 0.0f;
   }
-  // Each simdgroup takes U consecutive keys at a time and loads them all
-  // before using any: U rows of K and V in flight per simdgroup, not one.
-  for (int i0 = lo + sg * U; i0 < hi; i0 += NW * U) {
-    float kv[U][E], vv[U][E];
+  // Each simdgroup takes 32 consecutive keys at a time, one per lane: a
+  // lane computes its key's G scores alone (no reduction per key), the
+  // simdgroup rescales once per 32 keys, then every lane takes each key's
+  // weights by a shuffle and its E elements of that key's V row.
+  for (int i0 = lo + sg * 32; i0 < hi; i0 += NW * 32) {
+    const int i = i0 + lane;
+    const bool live = i < hi && (i < skip_lo || i >= skip_hi);
+    float p[G];
     #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (i0 + u < hi) {
-        kr.load(i0 + u, kv[u]);
-        vr.load(i0 + u, vv[u]);
+    for (int g = 0; g < G; ++g) p[g] = 0.0f;
+    if (live) {
+      #pragma unroll
+      for (int d0 = 0; d0 < D; d0 += C) {
+        float kc[C];
+        kr.load_chunk(i, d0, kc);
+        #pragma unroll
+        for (int g = 0; g < G; ++g)
+          #pragma unroll
+          for (int c = 0; c < C; ++c) p[g] += tg_q[g * D + d0 + c] * kc[c];
       }
     }
     #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u;
-      if (i >= hi || (i >= skip_lo && i < skip_hi)) continue;  // uniform over the simdgroup
+    for (int g = 0; g < G; ++g) {
+      const float m_new = fmaxf(m[g], warp_max(live ? p[g] : NEG_BIG));
+      const float a = exp2f(m[g] - m_new);
+      // Masked lanes weigh 0, even where every key so far is masked (m_new = NEG_BIG).
+      p[g] = live ? exp2f(p[g] - m_new) : 0.0f;
+      l[g] = l[g] * a + p[g];
       #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float s = 0.0f;
+      for (int e = 0; e < E; ++e) o[g][e] *= a;
+      m[g] = m_new;
+    }
+    // V rows of masked keys inside the range are read and weigh 0; U rows
+    // in flight per simdgroup, not one.
+    const int keys = min(32, hi - i0);
+    for (int j0 = 0; j0 < keys; j0 += U) {
+      float vv[U][E];
+      #pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (j0 + u < keys) vr.load(i0 + j0 + u, lane * E, vv[u]);
+      #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (j0 + u >= keys) continue;  // uniform over the simdgroup
         #pragma unroll
-        for (int e = 0; e < E; ++e) s += qv[g][e] * kv[u][e];
-        s = warp_sum(s);
-        const float m_new = fmaxf(m[g], s);
-        const float a = exp2f(m[g] - m_new), p = exp2f(s - m_new);
-        l[g] = l[g] * a + p;
-        #pragma unroll
-        for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * a + p * vv[u][e];
-        m[g] = m_new;
+        for (int g = 0; g < G; ++g) {
+          const float pj = __shfl_sync(0xffffffffu, p[g], j0 + u);
+          #pragma unroll
+          for (int e = 0; e < E; ++e) o[g][e] += pj * vv[u][e];
+        }
       }
     }
   }
   // Merge the NW simdgroups' partials, one query head at a time.
   #pragma unroll
   for (int g = 0; g < G; ++g) {
+    const float lsum = warp_sum(l[g]);
     if (lane == 0) {
       tg_m[sg] = m[g];
-      tg_l[sg] = l[g];
+      tg_l[sg] = lsum;
     }
     #pragma unroll
     for (int e = 0; e < E; ++e) tg_o[sg * D + lane * E + e] = o[g][e];

@@ -22,16 +22,20 @@ from . import backend, source
 
 NW = 8  # simdgroups (warps) per threadgroup of pass 1
 # Splits: enough pass-1 threadgroups to keep every core of the largest GPUs
-# streaming (each simdgroup keeps U = 4 keys in flight), and no shorter than
-# MIN_SPLIT keys, below which writing and merging partials costs more than
-# the keys. Measured on an H200: 256 groups beat 1024 and 4096 at 17K keys.
+# streaming (each simdgroup reads 32 keys' K rows at once, one per lane, then
+# their V rows U = 4 at a time), and no shorter than MIN_SPLIT keys, below
+# which writing and merging partials costs more than the keys. Measured on an
+# H200 with the earlier kernel (one key at a time per simdgroup): 256 groups
+# beat 1024 and 4096 at 17K keys. A threadgroup now sweeps 32 * NW = 256
+# keys at once, so a split of MIN_SPLIT keys leaves half its simdgroups idle.
 MIN_SPLIT = 128
 TARGET_GROUPS = 256
 HEAD_DIMS = (64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _FILES = {"metal": "metal/decode.metal", "cuda": "cuda/decode.cu"}
 # The quantized variant: mx.quantize's affine mode. A lane's E = D / 32
-# elements then fill at most one word and one group (see QuantRows).
+# elements of a V row, and each C = 8 of a K row, then lie in one group and
+# fill at most one word or whole words (see QuantRows).
 QUANT_BITS = (4, 8)
 QUANT_GROUPS = (32, 64, 128)
 # Input names of pass 1: the variant's K, V (the whole buffer), then Kt, Vt (the view).
