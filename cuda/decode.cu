@@ -147,7 +147,7 @@ const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
 const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
 
-__shared__ float tg_q[G * D];
+__shared__ float4 tg_q[G * D / 4];
 __shared__ float tg_o[NW * D];
 __shared__ float tg_m[NW];
 __shared__ float tg_l[NW];
@@ -168,8 +168,10 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // The G query rows, scaled, where every lane reads them: a lane's dot
   // products take each q element as a broadcast. (The last row's readers
   // are past the merge's barriers.)
-  for (int t = tid; t < G * D; t += NW * 32)
-    tg_q[t] = static_cast<float>(q[b * q_strides[0] + (hk * G + t / D) * q_strides[1] + r * q_strides[2] + t % D]) * qscale;
+  for (int t = tid; t < G * D / 4; t += NW * 32) {
+    const T* qp = q + b * q_strides[0] + (hk * G + t * 4 / D) * q_strides[1] + r * q_strides[2] + t * 4 % D;
+    tg_q[t] = make_float4(qscale * static_cast<float>(qp[0]), qscale * static_cast<float>(qp[1]), qscale * static_cast<float>(qp[2]), qscale * static_cast<float>(qp[3]));
+  }
   __syncthreads();
   // m is the simdgroup's running max (the same in every lane); o and l are
   // the lane's: o its E output elements, l the sum of its own keys' weights
@@ -200,7 +202,10 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
         #pragma unroll
         for (int g = 0; g < G; ++g)
           #pragma unroll
-          for (int c = 0; c < C; ++c) p[g] += tg_q[g * D + d0 + c] * kc[c];
+          for (int c = 0; c < C; c += 4) {
+            const float4 qc = tg_q[(g * D + d0 + c) / 4];
+            p[g] = p[g] + qc.x * kc[c] + qc.y * kc[c + 1] + qc.z * kc[c + 2] + qc.w * kc[c + 3];
+          }
       }
     }
     #pragma unroll

@@ -162,7 +162,7 @@ const int P = n_splits + R - 1;  // partials per query head
 const bool text = x < n_splits;
 const float qscale = scale[0] * LOG2E;  // scores in log2 units: exp2 below
 
-threadgroup float tg_q[G * D];
+threadgroup float4 tg_q[G * D / 4];
 threadgroup float tg_o[NW * D];
 threadgroup float tg_m[NW];
 threadgroup float tg_l[NW];
@@ -183,8 +183,10 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
   // The G query rows, scaled, where every lane reads them: a lane's dot
   // products take each q element as a broadcast. (The last row's readers
   // are past the merge's barriers.)
-  for (int t = tid; t < G * D; t += NW * 32)
-    tg_q[t] = float(q[b * q_strides[0] + (hk * G + t / D) * q_strides[1] + r * q_strides[2] + t % D]) * qscale;
+  for (int t = tid; t < G * D / 4; t += NW * 32) {
+    const device T* qp = q + b * q_strides[0] + (hk * G + t * 4 / D) * q_strides[1] + r * q_strides[2] + t * 4 % D;
+    tg_q[t] = float4(qscale * float(qp[0]), qscale * float(qp[1]), qscale * float(qp[2]), qscale * float(qp[3]));
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   // m is the simdgroup's running max (the same in every lane); o and l are
   // the lane's: o its E output elements, l the sum of its own keys' weights
@@ -209,7 +211,10 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
         float kc[C];
         kr.load_chunk(i, d0, kc);
         for (int g = 0; g < G; ++g)
-          for (int c = 0; c < C; ++c) p[g] += tg_q[g * D + d0 + c] * kc[c];
+          for (int c = 0; c < C; c += 4) {
+            const float4 qc = tg_q[(g * D + d0 + c) / 4];
+            p[g] = p[g] + qc.x * kc[c] + qc.y * kc[c + 1] + qc.z * kc[c + 2] + qc.w * kc[c + 3];
+          }
       }
     }
     for (int g = 0; g < G; ++g) {
