@@ -181,8 +181,8 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
     vr = V_text.at(b, hk);
   }
   // The G query rows, scaled, where every lane reads them: a lane's dot
-  // products take each q element as a broadcast. (The last row's readers
-  // are past the merge's barriers.)
+  // products take each q element as a broadcast. Rewriting them for the next
+  // summary row is safe: the last row's readers are past the merge's barriers.
   for (int t = tid; t < G * D / 4; t += NW * 32) {
     const device T* qp = q + b * q_strides[0] + (hk * G + t * 4 / D) * q_strides[1] + r * q_strides[2] + t * 4 % D;
     tg_q[t] = float4(qscale * float(qp[0]), qscale * float(qp[1]), qscale * float(qp[2]), qscale * float(qp[3]));
@@ -226,8 +226,8 @@ for (int r = text ? 0 : 1; r < (text ? 1 : R); ++r) {
       for (int e = 0; e < E; ++e) o[g][e] *= a;
       m[g] = m_new;
     }
-    // V rows of masked keys inside the range are read and weigh 0; U rows
-    // in flight per simdgroup, not one.
+    // Masked keys inside the range weigh 0 but their V rows are read, so that
+    // the loop stays uniform over the simdgroup; U rows in flight, not one.
     const int keys = min(32, hi - i0);
     for (int j0 = 0; j0 < keys; j0 += U) {
       float vv[U][E];
