@@ -8,7 +8,8 @@ Everything is offline and seeded:
 1. data: the Python standard library's source (sysconfig stdlib path) plus
    synthetic passkey examples in mlx_ksa.eval's exact format (random lengths up
    to the training length, random depths, the answer appended), so the eval
-   asks exactly what training taught;
+   asks exactly what training taught; the answer's digits weigh more in the
+   loss (--answer-weight);
 2. a sentencepiece BPE tokenizer trained on that text (digits split, byte
    fallback, whitespace kept), written as tokenizer.json for mlx-lm's loader;
 3. the KSA model: hybrid 3:1 windows ([2]*3+[8]) repeated, chunk 8, one
@@ -172,10 +173,16 @@ def passkey_templates(encode, digit_ids, n, min_len, max_tokens, rng):
     return out
 
 
-def make_rows(n_rows, seq_len, templates, stream, passkey_frac, eos, digit_ids, rng):
+def make_rows(n_rows, seq_len, templates, stream, passkey_frac, eos, digit_ids, rng, answer_weight=1.0):
     """[n_rows, seq_len + 1]: a passkey example (fresh random key) then EOS and
-    library source, or library source only (1 - passkey_frac of the rows)."""
+    library source, or library source only (1 - passkey_frac of the rows).
+
+    Also the loss weights [n_rows, seq_len]: answer_weight on the answer's
+    digits, 1 elsewhere. The answer is 5 targets among seq_len, and the only
+    ones that need the summaries: unweighted, the code and the filler drown
+    their gradient."""
     rows = np.empty((n_rows, seq_len + 1), np.int32)
+    weights = np.ones((n_rows, seq_len), np.float32)
     digit_ids = np.asarray(digit_ids, np.int32)
     for r in range(n_rows):
         pos = 0
@@ -186,13 +193,14 @@ def make_rows(n_rows, seq_len, templates, stream, passkey_frac, eos, digit_ids, 
             ids = ids.copy()
             ids[dpos] = digit_ids[np.tile(key, 3)]
             rows[r, : len(ids)] = ids
+            weights[r, dpos[-5:] - 1] = answer_weight  # the answer: the key's last copy
             rows[r, len(ids)] = eos
             pos = len(ids) + 1
         need = seq_len + 1 - pos
         if need:
             a = int(rng.integers(0, len(stream) - need))
             rows[r, pos:] = stream[a : a + need]
-    return rows
+    return rows, weights
 
 
 # -- models -------------------------------------------------------------------
@@ -234,7 +242,7 @@ class _Deadline(Exception):
     pass
 
 
-def train_one(name, cfg, rows, steps, a, budget_s):
+def train_one(name, cfg, rows, weights, steps, a, budget_s):
     model = new_model(cfg, a)
     warmup = max(1, min(a.warmup, steps // 4)) if a.warmup else max(1, steps // 20)
     targs = TrainArgs(steps=steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
@@ -255,7 +263,7 @@ def train_one(name, cfg, rows, steps, a, budget_s):
 
     done, stopped = steps, False
     try:
-        train(model, cfg, Batches(rows, a.batch_size, a.seed), targs, Path(a.out) / name, log=capture,
+        train(model, cfg, Batches(rows, a.batch_size, a.seed, weights), targs, Path(a.out) / name, log=capture,
               on_step=check)
     except _Deadline as e:
         done, stopped = e.args[0], True
@@ -269,14 +277,14 @@ def train_one(name, cfg, rows, steps, a, budget_s):
                    "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}
 
 
-def measure_step_seconds(cfg, rows, a):
+def measure_step_seconds(cfg, rows, weights, a):
     """Median seconds per optimizer step, after three warm-up steps (kernel JIT,
     the compiled step's trace)."""
     model = new_model(cfg, a)
     stamps = []
     targs = TrainArgs(steps=a.calibration_steps + 4, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                       warmup=1, report_every=1000)
-    train(model, cfg, Batches(rows, a.batch_size, a.seed), targs, Path(a.out) / "calibration",
+    train(model, cfg, Batches(rows, a.batch_size, a.seed, weights), targs, Path(a.out) / "calibration",
           log=lambda s: None, on_step=lambda step: stamps.append(time.perf_counter()))
     return float(np.median(np.diff(stamps[3:])))
 
@@ -364,6 +372,8 @@ retrieval beyond the attention window, not a general language model.
   (`{data_dir}`), {n_text_tokens:,} tokens, plus synthetic passkey examples in
   `mlx_ksa.eval`'s format (random length {min_len}..{max_len} tokens, random
   depth, fresh random 5-digit key) in {passkey_frac:.0%} of the rows.
+- Loss: cross-entropy over every text target, the answer's 5 digits weighted
+  {answer_weight:g}x (a weighted mean).
 - Training: {steps} AdamW steps, batch {batch} x {seq} tokens = {tokens:,}
   tokens, lr {lr} cosine (warm-up {warmup} steps, floor lr/10), {dtype},
   {seconds:.0f} s ({tok_s:,.0f} tokens/s) on {device}.
@@ -441,6 +451,8 @@ def parse_args(argv):
     p.add_argument("--passkey-frac", type=float, default=0.8)
     p.add_argument("--passkey-templates", type=int, default=512)
     p.add_argument("--min-passkey-len", type=int, default=64)
+    p.add_argument("--answer-weight", type=float, default=32.0,
+                   help="loss weight of the answer's digits (1: plain mean over all targets)")
     # model
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
@@ -554,13 +566,13 @@ def main(argv=None):
     if a.steps:
         steps, step_s = a.steps, None
     else:
-        calib_rows = make_rows(a.batch_size * (a.calibration_steps + 4), a.seq_len, templates, stream,
-                               a.passkey_frac, eos, digit_ids, np.random.default_rng([a.seed, 9]))
-        step_s = measure_step_seconds(ksa_cfg, calib_rows, a)
+        calib = make_rows(a.batch_size * (a.calibration_steps + 4), a.seq_len, templates, stream,
+                          a.passkey_frac, eos, digit_ids, np.random.default_rng([a.seed, 9]), a.answer_weight)
+        step_s = measure_step_seconds(ksa_cfg, *calib, a)
         steps = int(max(10, min(a.max_steps, a.minutes * 60 * 0.97 / step_s)))
         log(f"timing: {step_s * 1000:.0f} ms per step -> {steps} steps in {a.minutes} minutes")
-    rows = make_rows(steps * a.batch_size, a.seq_len, templates, stream, a.passkey_frac, eos, digit_ids,
-                     np.random.default_rng([a.seed, 4]))
+    rows, weights = make_rows(steps * a.batch_size, a.seq_len, templates, stream, a.passkey_frac, eos,
+                              digit_ids, np.random.default_rng([a.seed, 4]), a.answer_weight)
     budget = a.minutes * 60 * 1.15 if not a.steps else 0
     report = {"command": command, "device": device_string(), "args": vars(a), "lengths": lengths,
               "depths": a.eval_depths, "window_tokens": window_tokens, "baseline_reach_tokens": reach_tokens,
@@ -571,10 +583,10 @@ def main(argv=None):
               "models": {}}
     models = {}
     for name, cfg in (("ksa", ksa_cfg), ("baseline", base_cfg)):
-        models[name], info = train_one(name, cfg, rows, steps, a, budget)
+        models[name], info = train_one(name, cfg, rows, weights, steps, a, budget)
         info["config"] = cfg
         report["models"][name] = info
-    del rows
+    del rows, weights
 
     # 5. evaluation
     for name, cfg in (("ksa", ksa_cfg), ("baseline", base_cfg)):
@@ -618,7 +630,7 @@ def main(argv=None):
         head_dim=a.head_dim, k=a.chunk, S=1, windows=a.windows, window_tokens=window_tokens, seq=a.seq_len,
         vocab=vocab_size, n_chars=n_chars, py=platform.python_version(), data_dir=a.data_dir,
         n_text_tokens=len(stream), min_len=a.min_passkey_len, max_len=a.seq_len - 1,
-        passkey_frac=a.passkey_frac, steps=k["steps"], batch=a.batch_size, tokens=k["tokens"], lr=a.lr,
+        passkey_frac=a.passkey_frac, answer_weight=a.answer_weight, steps=k["steps"], batch=a.batch_size, tokens=k["tokens"], lr=a.lr,
         warmup=k["warmup_steps"], dtype=a.dtype, seconds=k["train_seconds"], tok_s=k["tokens_per_second"],
         device=report["device"], quant=quant, trials=k["eval"]["trials_per_length"],
         depths=", ".join(f"{d:g}" for d in a.eval_depths), table=table, command=command)

@@ -48,12 +48,19 @@ def pack(tokens, seq_len):
 
 
 class Batches:
-    """Seeded shuffled batches whose position is a small state, for exact resume."""
+    """Seeded shuffled batches whose position is a small state, for exact resume.
 
-    def __init__(self, rows, batch_size, seed=0):
+    weights: optional per-target loss weights, [rows, seq_len] aligned with
+    rows[:, 1:] (0 masks a target out, as mlx-lm's prompt masking does; more
+    than 1 stresses it); batches are then (tokens, weights) pairs."""
+
+    def __init__(self, rows, batch_size, seed=0, weights=None):
         if len(rows) < batch_size:
             raise ValueError(f"{len(rows)} sequences are fewer than a batch of {batch_size}")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        if weights is not None and weights.shape != (rows.shape[0], rows.shape[1] - 1):
+            raise ValueError(f"loss weights of shape {weights.shape} do not match rows of shape {rows.shape}: "
+                             f"expected {(rows.shape[0], rows.shape[1] - 1)}, one weight per target")
+        self.rows, self.weights, self.batch_size, self.seed = rows, weights, batch_size, seed
         self.epoch, self.index = 0, 0
 
     def _order(self):
@@ -64,7 +71,9 @@ class Batches:
             self.epoch, self.index = self.epoch + 1, 0
         idx = self._order()[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return mx.array(self.rows[idx])
+        if self.weights is None:
+            return mx.array(self.rows[idx])
+        return mx.array(self.rows[idx]), mx.array(self.weights[idx], dtype=mx.float32)
 
     def __iter__(self):
         return self

@@ -74,8 +74,11 @@ def lr_schedule(a: TrainArgs):
 
 
 def lm_loss(model, batch):
-    logits = model(batch[:, :-1]).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
+    """Mean cross-entropy; for a (tokens, weights) batch, the weighted mean."""
+    tokens, weights = batch if isinstance(batch, tuple) else (batch, None)
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:])
+    return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
 
 
 # -- checkpoints ----------------------------------------------------------
@@ -192,7 +195,8 @@ def train(model, config, batches, targs: TrainArgs, out, *, loss=lm_loss, val=No
             mx.eval(value, model.state, opt.state)
             losses.append(value.item())
             step += 1
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
+            ids = batch[0] if isinstance(batch, tuple) else batch
+            tokens += ids.shape[0] * (ids.shape[1] - 1)
             if step % targs.report_every == 0 or step == targs.steps:
                 dt = time.perf_counter() - t_start
                 eta = dt / len(losses) * (targs.steps - step)

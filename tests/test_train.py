@@ -50,15 +50,36 @@ def test_resume_continues_with_identical_loss(tmp_path, schedule, checkpointing)
     np.testing.assert_allclose(resumed, full[6:], rtol=1e-6)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_step_trains_like_the_eager_step(tmp_path, checkpointing):
+def test_weighted_loss_is_the_weighted_mean_of_token_losses():
+    model, _ = fresh_model()
+    tokens = pack(copy_task(), 16)[:3]
+    weights = np.random.default_rng(0).choice([0.0, 1.0, 8.0], size=(3, 16)).astype(np.float32)
+    logits = np.array(model(mx.array(tokens[:, :-1])).astype(mx.float32), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    got = T.lm_loss(model, (mx.array(tokens), mx.array(weights))).item()
+    np.testing.assert_allclose(got, (ce * weights).sum() / weights.sum(), rtol=1e-5)
+    np.testing.assert_allclose(T.lm_loss(model, mx.array(tokens)).item(), ce.mean(), rtol=1e-5)
+
+
+def test_batches_reject_misshaped_weights():
+    rows = pack(copy_task(), 16)
+    with pytest.raises(ValueError, match="one weight per target"):
+        Batches(rows, 4, weights=np.ones(rows.shape, np.float32))
+
+
+@pytest.mark.parametrize("checkpointing, weighted", [(False, False), (True, False), (False, True)])
+def test_compiled_step_trains_like_the_eager_step(tmp_path, checkpointing, weighted):
     targs = T.TrainArgs(steps=8, batch_size=4, seq_len=16, lr=5e-3, warmup=2, report_every=1000,
                         grad_checkpoint=checkpointing)
     data = pack(copy_task(), 16)
+    weights = np.random.default_rng(1).uniform(0, 4, (len(data), 16)).astype(np.float32) if weighted else None
     runs = {}
     for compiled in (False, True):
         model, cfg = fresh_model()
-        losses = T.train(model, cfg, Batches(data, 4, seed=3), T.TrainArgs(**{**targs.__dict__, "compile": compiled}),
+        losses = T.train(model, cfg, Batches(data, 4, seed=3, weights=weights),
+                         T.TrainArgs(**{**targs.__dict__, "compile": compiled}),
                          tmp_path / str(compiled), log=lambda s: None)
         runs[compiled] = losses, dict(tree_flatten(model.parameters()))
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)

@@ -107,3 +107,31 @@ def test_bundle(run):
               "ksa/tokenizer.json", "ksa/README.md", "baseline/config.json"):
         assert f"{out.name}/{f}" in names
     assert f"{out.name}/baseline/model.safetensors" not in names
+
+
+def test_rows_weight_exactly_the_answer_digits():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_passkey", ROOT / "examples" / "train_passkey.py")
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    digit_ids = list(range(100, 110))
+    # A template: filler 7, three copies of a 5-digit key at known positions.
+    ids = np.full(40, 7, np.int32)
+    pos = np.array([3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 33, 34, 35, 36, 37])
+    stream = np.arange(1000, 3000, dtype=np.int32)
+    rows, weights = tp.make_rows(50, 64, [(ids, pos)], stream, 0.5, 2, digit_ids,
+                                 np.random.default_rng(0), answer_weight=9.0)
+    assert rows.shape == (50, 65) and weights.shape == (50, 64)
+    passkey_rows = [r for r in range(50) if rows[r, 0] == 7]
+    assert 0 < len(passkey_rows) < 50
+    for r in range(50):
+        heavy = np.flatnonzero(weights[r] != 1)
+        if r in passkey_rows:
+            np.testing.assert_array_equal(heavy, pos[-5:] - 1)  # targets rows[r, pos[-5:]]
+            assert (weights[r, heavy] == 9).all()
+            key = rows[r, pos[:5]]
+            np.testing.assert_array_equal(rows[r, pos[-5:]], key)  # the answer repeats the key
+            assert set(key.tolist()) <= set(digit_ids) and rows[r, 40] == 2  # EOS after the example
+        else:
+            assert heavy.size == 0
