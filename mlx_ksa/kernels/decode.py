@@ -21,15 +21,16 @@ import numpy as np
 from . import backend, source
 
 NW = 8  # simdgroups (warps) per threadgroup of pass 1
-# Splits: enough pass-1 threadgroups to keep every core of the largest GPUs
-# streaming (each simdgroup reads 32 keys' K rows at once, one per lane, then
-# their V rows U = 4 at a time), and no shorter than MIN_SPLIT keys, below
-# which writing and merging partials costs more than the keys. Measured on an
-# H200 with the earlier kernel (one key at a time per simdgroup): 256 groups
-# beat 1024 and 4096 at 17K keys. A threadgroup now sweeps 32 * NW = 256
-# keys at once, so a split of MIN_SPLIT keys leaves half its simdgroups idle.
-MIN_SPLIT = 128
-TARGET_GROUPS = 256
+# Splits: about one wave of pass-1 threadgroups on the largest GPUs (an H200
+# has 132 SMs), each split at least MIN_SPLIT keys, two sweeps of a
+# threadgroup (32 * NW = 256 keys at once: each simdgroup reads 32 keys' K
+# rows, one per lane, then their V rows U = 4 at a time). Shorter splits
+# cost more in partials and their merge than they gain in parallelism:
+# measured on an H200, 17K keys, pass 1 alone, by split length 128 / 256 /
+# 512 / 1024 / 2048: 78 / 60 / 51 / 46 / 48 us; 9K keys: 44 / 46 / 36 / 36
+# / 38 us; 3K keys: 33 / 30 / 28 / 29 / 29 us.
+MIN_SPLIT = 512
+TARGET_GROUPS = 128
 HEAD_DIMS = (64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _FILES = {"metal": "metal/decode.metal", "cuda": "cuda/decode.cu"}
