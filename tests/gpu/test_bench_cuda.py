@@ -1,7 +1,7 @@
 """`python -m mlx_ksa.bench --quick` on the GPU: every section runs end to end
 with the kernels serving (skips without CUDA). The figures themselves come
 from the full run (BENCHMARKS.md); this keeps the bench's GPU-only branches
-(the decode passes alone, the quantized cache's kernel) from rotting.
+(the decode kernel timed on prebuilt graphs, the quantized cache's kernel) from rotting.
 
     python -m pytest -q tests/gpu/test_bench_cuda.py
 """
