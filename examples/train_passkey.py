@@ -344,6 +344,26 @@ def evaluate(name, model, tokenizer, cfg, a, lengths, depths, window_tokens, rea
                      for r in rows]}
 
 
+SAMPLE_PROMPT = "def fibonacci(n):"  # the README's first command
+
+
+def held_out_text(max_chars):
+    """Python source not in the training data: this package's own."""
+    files = sorted(Path(ksa_eval.__file__).parent.rglob("*.py"))
+    return "\n".join(f.read_text(encoding="utf-8") for f in files)[:max_chars]
+
+
+def language_checks(name, model, tokenizer, a):
+    """What shipping also needs beside retrieval: perplexity on held-out
+    Python, and the greedy continuation of the README's prompt."""
+    from mlx_lm.generate import generate
+
+    ppl = ksa_eval.perplexity(model, tokenizer, held_out_text(a.held_out_chars), seq_len=a.seq_len)
+    sample = generate(model, tokenizer, SAMPLE_PROMPT, max_tokens=a.sample_tokens, verbose=False)
+    log(f"[{name}] held-out perplexity {ppl:.2f}; greedy {SAMPLE_PROMPT!r} -> {sample!r}")
+    return {"held_out_perplexity": ppl, "sample_prompt": SAMPLE_PROMPT, "sample": sample}
+
+
 # -- outputs ------------------------------------------------------------------
 def device_string():
     try:
@@ -382,6 +402,14 @@ retrieval beyond the attention window, not a general language model.
   baseline is the same network without summaries, trained identically):
 
 {table}
+
+- Held-out perplexity (this package's Python source, {held_out_chars:,}
+  characters, not in the training data): {ppl:.2f} (baseline {base_ppl:.2f}).
+- Greedy continuation of `{sample_prompt}`:
+
+```python
+{sample_prompt}{sample}
+```
 
 Made by:
 
@@ -481,6 +509,9 @@ def parse_args(argv):
                    help="trials per length for the re-loaded quantized model (0: skip)")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-max-tokens", type=int, default=8)
+    p.add_argument("--held-out-chars", type=int, default=100_000,
+                   help="characters of held-out Python (this package's source) for perplexity")
+    p.add_argument("--sample-tokens", type=int, default=60, help="tokens of the greedy sample")
     p.add_argument("--q-bits", type=int, default=8, choices=[0, 4, 8], help="0: no quantization")
     p.add_argument("--q-group-size", type=int, default=64)
     a = p.parse_args(argv)
@@ -592,6 +623,7 @@ def main(argv=None):
     for name, cfg in (("ksa", ksa_cfg), ("baseline", base_cfg)):
         report["models"][name]["eval"] = evaluate(name, models[name], tokenizer, cfg, a, lengths,
                                                   a.eval_depths, window_tokens, reach_tokens)
+        report["models"][name]["language"] = language_checks(name, models[name], tokenizer, a)
 
     # 6. export: baseline as trained, KSA quantized (summary row exact)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[a.dtype]
@@ -619,12 +651,14 @@ def main(argv=None):
         report["models"]["ksa_quantized"] = {
             "quantization": ksa_save_cfg.get("quantization"),
             "eval": evaluate("ksa_quantized", loaded, loaded_tok, ksa_cfg, a, lengths, a.eval_depths,
-                             window_tokens, reach_tokens, trials=a.q_eval_trials)}
+                             window_tokens, reach_tokens, trials=a.q_eval_trials),
+            "language": language_checks("ksa_quantized", loaded, loaded_tok, a)}
     report["models"]["ksa"]["weights"] = quant
     report["wall_seconds"] = time.perf_counter() - t_start
 
     table = table_md(report, lengths, window_tokens)
     k = report["models"]["ksa"]
+    shipped = report["models"].get("ksa_quantized", k)["language"]  # what the card's folder holds
     card = MODEL_CARD.format(
         params=k["params"], layers=a.layers, hidden=a.hidden, ffn=a.ffn, heads=a.heads, kv=a.kv_heads,
         head_dim=a.head_dim, k=a.chunk, S=1, windows=a.windows, window_tokens=window_tokens, seq=a.seq_len,
@@ -633,7 +667,10 @@ def main(argv=None):
         passkey_frac=a.passkey_frac, answer_weight=a.answer_weight, steps=k["steps"], batch=a.batch_size, tokens=k["tokens"], lr=a.lr,
         warmup=k["warmup_steps"], dtype=a.dtype, seconds=k["train_seconds"], tok_s=k["tokens_per_second"],
         device=report["device"], quant=quant, trials=k["eval"]["trials_per_length"],
-        depths=", ".join(f"{d:g}" for d in a.eval_depths), table=table, command=command)
+        depths=", ".join(f"{d:g}" for d in a.eval_depths), table=table, command=command,
+        held_out_chars=a.held_out_chars, ppl=shipped["held_out_perplexity"],
+        base_ppl=report["models"]["baseline"]["language"]["held_out_perplexity"],
+        sample_prompt=SAMPLE_PROMPT, sample=shipped["sample"])
     (out / "ksa" / "README.md").write_text(card)
     md = ["# Issue #7: KSA vs sliding chunks only, passkey retrieval\n",
           f"`{command}`\n", f"Device: {report['device']}. Total wall time {report['wall_seconds']:.0f} s.\n",
@@ -643,7 +680,9 @@ def main(argv=None):
         m = report["models"][name]
         md.append(f"- {name}: {m['params']:,} parameters, {m['steps']} steps, {m['tokens']:,} tokens, "
                   f"{m['train_seconds']:.0f} s ({m['tokens_per_second']:,.0f} tok/s), final loss "
-                  f"{m['final_loss'] if m['final_loss'] is None else round(m['final_loss'], 4)}")
+                  f"{m['final_loss'] if m['final_loss'] is None else round(m['final_loss'], 4)}, held-out "
+                  f"perplexity {m['language']['held_out_perplexity']:.2f}, greedy {SAMPLE_PROMPT!r} -> "
+                  f"{m['language']['sample']!r}")
     md += ["", f"Passkey accuracy ({k['eval']['trials_per_length']} trials per length, depths "
                f"{', '.join(f'{d:g}' for d in a.eval_depths)}; 'needle beyond window': the trials whose "
                f"needle starts more than {window_tokens} tokens before the end of the prompt). KV cache "

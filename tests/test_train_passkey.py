@@ -19,7 +19,8 @@ TOY = ["--steps", "4", "--hidden", "64", "--layers", "4", "--ffn", "128", "--hea
        "--kv-heads", "1", "--head-dim", "64", "--seq-len", "256", "--chunk", "4",
        "--windows", "[2]*3+[4]", "--eval-multiples", "8", "16", "--eval-depths", "0", "1",
        "--eval-trials", "4", "--q-eval-trials", "2", "--vocab", "384", "--text-mb", "0.3", "--batch-size", "2",
-       "--passkey-templates", "16", "--tokenizer-lines", "5000", "--report-every", "2"]
+       "--passkey-templates", "16", "--tokenizer-lines", "5000", "--report-every", "2",
+       "--held-out-chars", "3000", "--sample-tokens", "12"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,13 @@ def test_outputs_load(run):
     assert [tok.decode([i]) for i in ids[-6:-1]] == list("12345")  # digits split
     card = (out / "ksa" / "README.md").read_text()
     assert "examples/train_passkey.py" in card and str(report["models"]["ksa"]["steps"]) in card
+    # The card shows the shipped (quantized, re-loaded) model's language checks, and they are its own.
+    lang = report["models"]["ksa_quantized"]["language"]
+    assert f"{lang['held_out_perplexity']:.2f}" in card and "def fibonacci(n):" + lang["sample"] in card
+    held_out = "\n".join(f.read_text() for f in sorted((ROOT / "mlx_ksa").rglob("*.py")))
+    held_out = held_out[: report["args"]["held_out_chars"]]
+    assert lang["held_out_perplexity"] == pytest.approx(
+        ksa_eval.perplexity(ksa, tok, held_out, seq_len=report["args"]["seq_len"]), rel=1e-4)
 
 
 def test_report_matches_its_eval(run):
