@@ -246,7 +246,7 @@ def train_one(name, cfg, rows, weights, steps, a, budget_s):
     model = new_model(cfg, a)
     warmup = max(1, min(a.warmup, steps // 4)) if a.warmup else max(1, steps // 20)
     targs = TrainArgs(steps=steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                      min_lr=a.lr / 10, warmup=warmup, weight_decay=0.01, grad_clip=1.0,
+                      min_lr=a.lr / 10, warmup=warmup, weight_decay=0.01, grad_clip=a.grad_clip,
                       report_every=max(1, min(a.report_every, steps)), seed=a.seed)
     curve = []
 
@@ -395,7 +395,8 @@ retrieval beyond the attention window, not a general language model.
 - Loss: cross-entropy over every text target, the answer's 5 digits weighted
   {answer_weight:g}x (a weighted mean).
 - Training: {steps} AdamW steps, batch {batch} x {seq} tokens = {tokens:,}
-  tokens, lr {lr} cosine (warm-up {warmup} steps, floor lr/10), {dtype},
+  tokens, lr {lr} cosine (warm-up {warmup} steps, floor lr/10), gradient
+  norm clipped at {grad_clip:g}, {dtype},
   {seconds:.0f} s ({tok_s:,.0f} tokens/s) on {device}.
 - Weights: {quant}; the summary embedding is not quantized.
 - Passkey accuracy (greedy, {trials} trials per length, depths {depths}; the
@@ -495,6 +496,9 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=1088)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="gradient norm clip (0: off); a large --answer-weight makes the answer's "
+                        "gradients dominate the clipped norm")
     p.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: 5%% of the steps)")
     p.add_argument("--calibration-steps", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=100_000)
@@ -665,7 +669,7 @@ def main(argv=None):
         vocab=vocab_size, n_chars=n_chars, py=platform.python_version(), data_dir=a.data_dir,
         n_text_tokens=len(stream), min_len=a.min_passkey_len, max_len=a.seq_len - 1,
         passkey_frac=a.passkey_frac, answer_weight=a.answer_weight, steps=k["steps"], batch=a.batch_size, tokens=k["tokens"], lr=a.lr,
-        warmup=k["warmup_steps"], dtype=a.dtype, seconds=k["train_seconds"], tok_s=k["tokens_per_second"],
+        warmup=k["warmup_steps"], grad_clip=a.grad_clip, dtype=a.dtype, seconds=k["train_seconds"], tok_s=k["tokens_per_second"],
         device=report["device"], quant=quant, trials=k["eval"]["trials_per_length"],
         depths=", ".join(f"{d:g}" for d in a.eval_depths), table=table, command=command,
         held_out_chars=a.held_out_chars, ppl=shipped["held_out_perplexity"],

@@ -20,7 +20,7 @@ TOY = ["--steps", "4", "--hidden", "64", "--layers", "4", "--ffn", "128", "--hea
        "--windows", "[2]*3+[4]", "--eval-multiples", "8", "16", "--eval-depths", "0", "1",
        "--eval-trials", "4", "--q-eval-trials", "2", "--vocab", "384", "--text-mb", "0.3", "--batch-size", "2",
        "--passkey-templates", "16", "--tokenizer-lines", "5000", "--report-every", "2",
-       "--held-out-chars", "3000", "--sample-tokens", "12"]
+       "--held-out-chars", "3000", "--sample-tokens", "12", "--grad-clip", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_outputs_load(run):
     assert [tok.decode([i]) for i in ids[-6:-1]] == list("12345")  # digits split
     card = (out / "ksa" / "README.md").read_text()
     assert "examples/train_passkey.py" in card and str(report["models"]["ksa"]["steps"]) in card
+    assert "clipped at 0.5," in card
     # The card shows the shipped (quantized, re-loaded) model's language checks, and they are its own.
     lang = report["models"]["ksa_quantized"]["language"]
     assert f"{lang['held_out_perplexity']:.2f}" in card and "def fibonacci(n):" + lang["sample"] in card
