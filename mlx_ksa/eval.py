@@ -230,6 +230,8 @@ def perplexity(model, tokenizer, text, seq_len=2048):
     import mlx.nn as nn
 
     ids = np.array(tokenizer.encode(text), np.int32)
+    if len(ids) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens of text, got {len(ids)}")
     total, n = 0.0, 0
     for a in range(0, len(ids) - 1, seq_len):
         chunk = ids[a : a + seq_len + 1]
@@ -297,7 +299,8 @@ def main(argv=None):
     p.add_argument("--model", help="a model directory or Hugging Face repo id, as for mlx_ksa.generate "
                    "(default: the model shipped in the package); dense models load through mlx-lm")
     p.add_argument("--dense", action="store_true", help="load --model with mlx_lm.load (a dense baseline)")
-    p.add_argument("--tasks", nargs="+", default=["passkey"], choices=sorted(TASKS))
+    p.add_argument("--tasks", nargs="*", default=["passkey"], choices=sorted(TASKS),
+                   help="tasks to run (default passkey; none with --perplexity: perplexity only)")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=int, default=5)
@@ -314,6 +317,10 @@ def main(argv=None):
     try:
         if any(d < 0 or d > 1 for d in a.depths) or any(L < 64 for L in a.lengths) or a.trials < 1:
             raise ValueError("depths must lie in [0, 1], lengths be >= 64 tokens, trials >= 1")
+        if not a.tasks and not a.perplexity:
+            raise ValueError("nothing to evaluate: give --tasks or --perplexity")
+        # Read before the model loads and the tasks run, so a bad path fails at once.
+        text = Path(a.perplexity).read_text(errors="replace") if a.perplexity else None
         from .generate import load_any, resolve_model
 
         if a.dense:
@@ -341,9 +348,10 @@ def main(argv=None):
         result = {"model": a.model, "dense": a.dense, "seed": a.seed, **kv, "kv_dtype": kv_dtype,
                   "kv_bytes": kv_bytes, "summary": summary, "rows": rows, "seconds": seconds}
         if a.perplexity:
-            result["perplexity"] = perplexity(model, tokenizer, Path(a.perplexity).read_text())
+            result["perplexity"] = perplexity(model, tokenizer, text)
             print(f"perplexity: {result['perplexity']:.3f}")
-        print(format_table(summary, kv_bytes, kv_dtype))
+        if summary:
+            print(format_table(summary, kv_bytes, kv_dtype))
         if a.out:
             Path(a.out).write_text(json.dumps(result, indent=1))
         if a.plot:

@@ -233,3 +233,23 @@ def test_cli_rejects_bad_kv_settings(tmp_path, capsys):
     assert "group size 32" in capsys.readouterr().err
     with pytest.raises(ValueError, match="kv_bits"):
         E.run_task(None, None, "passkey", [128], [0.0], 1, kv_bits=2)
+
+
+def test_cli_perplexity_only_and_bad_text(tmp_path, capsys):
+    path, *_ = tiny_checkpoint(tmp_path / "m")
+    text = tmp_path / "ppl.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 10)
+    out = tmp_path / "r.json"
+    assert E.main(["--model", str(path), "--tasks", "--perplexity", str(text), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and result["perplexity"] > 1.0
+    capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert E.main(["--model", str(path), "--tasks", "--perplexity", str(empty)]) == 1
+    assert "error: perplexity needs at least 2 tokens of text, got 0" in capsys.readouterr().err
+    # A missing file is named before any task runs.
+    assert E.main(["--model", str(tmp_path / "nope"), "--perplexity", str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    assert E.main(["--model", str(path), "--tasks"]) == 1
+    assert "nothing to evaluate" in capsys.readouterr().err
