@@ -400,7 +400,10 @@ def run(ns):
     if ns.cmd == "pretrain":
         from mlx_lm.utils import load_tokenizer
 
-        config = json.loads(Path(ns.config).read_text())
+        try:
+            config = json.loads(Path(ns.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{ns.config} is not valid JSON: {e}") from None
         model, tokenizer = Model(ModelArgs.from_dict(config)), load_tokenizer(Path(ns.tokenizer))
     else:
         model, tokenizer, config = load(ns.model, return_config=True)

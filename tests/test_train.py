@@ -171,3 +171,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert T.main(["pretrain", "--config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path),
                    "--data", "x.txt", "--out", str(tmp_path / "o")]) == 1
     assert "config is missing model_type, num_hidden_layers" in capsys.readouterr().err
+    (tmp_path / "cfg.json").write_text('{"hidden_size": 64,')
+    assert T.main(["pretrain", "--config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path),
+                   "--data", "x.txt", "--out", str(tmp_path / "o")]) == 1
+    assert f"{tmp_path / 'cfg.json'} is not valid JSON" in capsys.readouterr().err
