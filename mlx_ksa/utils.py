@@ -36,6 +36,8 @@ def load_model(path, lazy=False, model_config=None):
         raise ValueError(f"{config_file} is not valid JSON: {e}") from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
+    except RuntimeError as e:  # mx.load on a truncated or corrupt weight file
+        raise ValueError(f"cannot read the weights in {path}: {e}") from None
 
 
 # The small KSA model shipped inside the package (its card: README.md there).

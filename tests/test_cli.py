@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import string
 import subprocess
 import sys
@@ -141,11 +142,16 @@ def test_default_model_without_model_flag(env):
     (["--top-p", "2"], "--top-p"),
     (["--prompt-cache-file", "{corrupt}"], "corrupt"),
     (["--prompt-cache-file", "/no/such/cache.safetensors"], "does not exist"),
-], ids=["bad-model", "bad-int", "bad-top-p", "corrupt-cache", "missing-cache"])
+    (["--model", "{truncated}"], "cannot read the weights in"),
+], ids=["bad-model", "bad-int", "bad-top-p", "corrupt-cache", "missing-cache", "truncated-weights"])
 def test_errors_are_one_line(model_dir, env, tmp_path, args, message):
     corrupt = tmp_path / "cache.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    args = [a.replace("{corrupt}", str(corrupt)) for a in args]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dir, truncated)
+    for f in truncated.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:1000])
+    args = [a.replace("{corrupt}", str(corrupt)).replace("{truncated}", str(truncated)) for a in args]
     model = [] if "--model" in args else ["--model", str(model_dir)]
     r = cli("mlx_ksa.generate", *model, *args, "-m", 3, env=env)
     assert r.returncode != 0
