@@ -326,7 +326,11 @@ def main(argv=None):
         if a.dense:
             from mlx_lm import load as mlx_lm_load
 
-            model, tokenizer = mlx_lm_load(str(resolve_model(a.model)))
+            path = resolve_model(a.model)
+            try:
+                model, tokenizer = mlx_lm_load(str(path))
+            except RuntimeError as e:  # mx.load on a truncated or corrupt weight file
+                raise ValueError(f"cannot read the weights in {path}: {e}") from None
         else:
             model, tokenizer = load_any(a.model)
         start, rows = time.perf_counter(), []

@@ -253,3 +253,13 @@ def test_cli_perplexity_only_and_bad_text(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     assert E.main(["--model", str(path), "--tasks"]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_cli_names_truncated_weights(tmp_path, capsys, dense):
+    path, *_ = tiny_checkpoint(tmp_path / "m")
+    for f in path.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:1000])
+    assert E.main(["--model", str(path), *(["--dense"] if dense else []), "--lengths", "64",
+                   "--depths", "0", "--trials", "1"]) == 1
+    assert f"error: cannot read the weights in {path}" in capsys.readouterr().err
