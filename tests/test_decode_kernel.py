@@ -136,6 +136,23 @@ def test_metal_kernel_matches_reference(case_args):
     check(out, case)
 
 
+@pytest.mark.parametrize("split_len", [None, 10**6])
+def test_metal_kernel_sweeps_long_splits(split_len):
+    """Splits longer than one sweep of a threadgroup (32 * NW keys): the
+    default plan's (two splits of 260 keys: a full sweep and 4 keys), and one
+    split of every key (two full sweeps and a partial one); batch rows whose
+    ranges differ. float32, so that even a few dropped keys show."""
+    emu = emulator()
+    case = make_case(2, 4, 2, 64, mx.float32, 4, 1, 2, (2043, 1500), seed=5)
+    q, keys, values, start, end, sum_end, scale = case
+    assert end.max() - start.min() > 2 * 32 * decode.NW
+    partial, reduce = decode.kernels("metal")
+    launch = decode.plan_partial(*case, split_len=split_len)
+    part_o, part_ml = emu.run_metal_kernel(partial, **launch)
+    out = emu.run_metal_kernel(reduce, **decode.plan_reduce(q, mx.array(part_o), mx.array(part_ml)))[0]
+    check(out, case)
+
+
 def test_single_sequence_steps_make_no_array():
     """Consecutive steps of one sequence, one of them completing a chunk:
     the text range travels as a view of the buffer, and the params and scale
