@@ -35,7 +35,10 @@ def load_model(path, lazy=False, model_config=None):
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from None
     except (ValueError, TypeError) as e:
-        raise ValueError(f"cannot load the KSA model in {path}: {e}") from None
+        # mlx-lm infers a quantized layer's bits from its packed shape, so a
+        # config whose sizes do not match the weights surfaces as odd bits.
+        hint = " (do config.json's sizes match the weights?)" if "[quantize]" in str(e) else ""
+        raise ValueError(f"cannot load the KSA model in {path}: {e}{hint}") from None
     except RuntimeError as e:  # mx.load on a truncated or corrupt weight file
         raise ValueError(f"cannot read the weights in {path}: {e}") from None
 

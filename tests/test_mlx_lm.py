@@ -73,3 +73,23 @@ def test_load_without_arguments_gives_the_shipped_model():
     ids = mx.array(tokenizer.encode("def fibonacci(n):"))[None]
     assert mx.array_equal(model(ids), same(ids))
     assert generate(model, tokenizer, "def fibonacci(n):", max_tokens=8)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_load_names_a_config_that_does_not_match_the_weights(tmp_path, quantized):
+    import json
+    import shutil
+
+    from mlx_ksa.utils import DEFAULT_MODEL  # 8-bit weights
+
+    if quantized:
+        path = tmp_path / "m"
+        shutil.copytree(DEFAULT_MODEL, path)
+    else:
+        path, *_ = tiny_checkpoint(tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] //= 2
+    (path / "config.json").write_text(json.dumps(cfg))
+    match = r"config\.json's sizes match the weights" if quantized else r"Expected shape .* mlp"
+    with pytest.raises(ValueError, match=rf"cannot load the KSA model in {path}: .*{match}"):
+        mlx_ksa.load(path)
