@@ -1,5 +1,7 @@
 """mlx-lm's generation API runs KSA models unchanged."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -90,6 +92,6 @@ def test_load_names_a_config_that_does_not_match_the_weights(tmp_path, quantized
     cfg = json.loads((path / "config.json").read_text())
     cfg["intermediate_size"] //= 2
     (path / "config.json").write_text(json.dumps(cfg))
-    match = r"config\.json's sizes match the weights" if quantized else r"Expected shape .* mlp"
-    with pytest.raises(ValueError, match=rf"cannot load the KSA model in {path}: .*{match}"):
+    match = r"config\.json's sizes match the weights" if quantized else r"Expected shape .*\.mlp\."
+    with pytest.raises(ValueError, match=rf"cannot load the KSA model in {re.escape(str(path))}: .*{match}"):
         mlx_ksa.load(path)
