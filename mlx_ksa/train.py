@@ -296,7 +296,20 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
         # mix_coeff is a Python float that a compiled step would freeze at its first value.
         raise ValueError("the anneal stage cannot be compiled (--anneal-compile): mix_coeff changes every step")
 
-    teacher, tokenizer, dense_config = load_dense(str(dense_path), return_config=True)
+    from mlx_lm.utils import _download
+
+    from .pattern import parse_windows
+    from .utils import local_path
+
+    local_path(dense_path)  # a mistyped path is named, not looked up on the hub
+    path = _download(str(dense_path))
+    source = json.loads((Path(path) / "config.json").read_text())
+    if "summary_chunk_size" in source or source.get("use_summary_attention"):
+        raise ValueError(f"{dense_path} is already a KSA model (its config has summary keys): "
+                         "cpt starts from a dense Qwen3")
+    # Before the teacher loads: a bad pattern should not cost a model load.
+    parse_windows(windows, source.get("num_hidden_layers", 0))
+    teacher, tokenizer, dense_config = load_dense(str(path), return_config=True)
     teacher.freeze()
     student, cfg = dense_to_ksa(teacher, dense_config, chunk=chunk, summaries=summaries, windows=windows)
     tokens = read_tokens(data, tokenizer)
@@ -325,7 +338,7 @@ HELP = {
     "weight_decay": "AdamW weight decay", "grad_clip": "global gradient-norm clip (0: off)",
     "grad_checkpoint": "recompute each block in the backward pass (less memory)",
     "compile": "trace the training step once (mx.compile): faster for small models; on MLX 0.32.4's "
-               "CUDA back end a float32 model without summaries stalls in its first compiled step",
+               "CUDA back end the first compiled step of small float32 models has stalled",
     "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "validation every N steps",
     "val_batches": "batches per validation", "report_every": "log every N steps", "seed": "data order and init",
 }

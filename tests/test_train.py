@@ -175,3 +175,22 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert T.main(["pretrain", "--config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path),
                    "--data", "x.txt", "--out", str(tmp_path / "o")]) == 1
     assert f"{tmp_path / 'cfg.json'} is not valid JSON" in capsys.readouterr().err
+
+
+def test_cpt_rejects_a_ksa_source_and_a_bad_pattern_before_loading(tmp_path, capsys, monkeypatch):
+    import mlx_lm
+
+    tiny_dense(tmp_path)
+    ksa_dir, *_ = tiny_checkpoint(tmp_path / "ksa")
+    loads = []
+    monkeypatch.setattr(mlx_lm, "load", lambda *a, **k: loads.append(a) or pytest.fail("loaded the teacher"))
+    common = ["--data", "x.txt", "--out", str(tmp_path / "o")]
+    assert T.main(["cpt", "--dense", str(ksa_dir), *common]) == 1
+    assert "is already a KSA model" in capsys.readouterr().err
+    assert T.main(["cpt", "--dense", str(tmp_path / "dense"), "--windows", "([2]*3", *common]) == 1
+    assert "error:" in capsys.readouterr().err
+    assert T.main(["cpt", "--dense", str(tmp_path / "dense"), "--windows", "[2]*3", *common]) == 1
+    assert "gives 3 windows for 4 layers" in capsys.readouterr().err
+    assert T.main(["cpt", "--dense", str(tmp_path / "no" / "such"), *common]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert loads == []
