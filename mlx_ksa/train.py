@@ -376,7 +376,7 @@ def main(argv=None):
     ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     ft.add_argument("--lora-rank", type=int, default=8)
     ft.add_argument("--lora-scale", type=float, default=20.0)
-    ft.add_argument("--lora-layers", type=int, default=16)
+    ft.add_argument("--lora-layers", type=int, default=16, help="blocks to adapt, from the last (-1: all)")
     fu = sub.add_parser("fuse", help="fold LoRA adapters into the weights")
     fu.add_argument("--model", required=True, help="the model the adapters were trained on")
     fu.add_argument("--adapter-path", required=True)
@@ -419,6 +419,9 @@ def run(ns):
             raise ValueError(f"{ns.config} is not valid JSON: {e}") from None
         model, tokenizer = Model(ModelArgs.from_dict(config)), load_tokenizer(Path(ns.tokenizer))
     else:
+        if not ns.full and (ns.lora_rank < 1 or ns.lora_layers == 0 or ns.lora_layers < -1):
+            raise ValueError(f"--lora-rank must be positive and --lora-layers positive or -1 (all), "
+                             f"got {ns.lora_rank} and {ns.lora_layers}")
         model, tokenizer, config = load(ns.model, return_config=True)
     tokens = read_tokens(ns.data, tokenizer)
     batches = Batches(pack(tokens, targs.seq_len), targs.batch_size, targs.seed)
@@ -429,6 +432,8 @@ def run(ns):
     if ns.cmd == "finetune" and not ns.full:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
+        if ns.lora_layers > len(model.layers):  # as mlx_lm.lora
+            raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} layers")
         model.freeze()
         lora = {"rank": ns.lora_rank, "scale": ns.lora_scale, "dropout": 0.0}
         linear_to_lora_layers(model, ns.lora_layers, lora)

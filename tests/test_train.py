@@ -141,7 +141,7 @@ def test_cpt_starts_as_the_dense_model_and_saves_a_loadable_ksa_model(tmp_path):
     assert not any("_proj_summary" in k for k, _ in tree_flatten(model.parameters()))
 
 
-def test_lora_finetune_load_and_fuse(tmp_path):
+def test_lora_finetune_load_and_fuse(tmp_path, capsys):
     path, cfg, _ = tiny_checkpoint(tmp_path / "base")
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"question {i}: answer {i * 7}"}) for i in range(60)))
@@ -158,6 +158,11 @@ def test_lora_finetune_load_and_fuse(tmp_path):
                    "--save-path", str(tmp_path / "fused")]) == 0
     fused, _ = mlx_ksa.load(tmp_path / "fused")
     np.testing.assert_allclose(np.array(fused(ids)), np.array(adapted(ids)), atol=1e-4)
+    layers = len(base.layers)
+    assert T.main(["finetune", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "ad2"),
+                   "--lora-layers", str(layers + 1)]) == 1
+    assert f"--lora-layers {layers + 1} is more than the model's {layers} layers" in capsys.readouterr().err
+    assert not (tmp_path / "ad2").exists()
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
@@ -175,6 +180,10 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert T.main(["pretrain", "--config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path),
                    "--data", "x.txt", "--out", str(tmp_path / "o")]) == 1
     assert f"{tmp_path / 'cfg.json'} is not valid JSON" in capsys.readouterr().err
+    for flags in (["--lora-rank", "0"], ["--lora-layers", "0"]):
+        assert T.main(["finetune", "--model", str(tmp_path / "missing"), "--data", "x.txt",
+                       "--out", str(tmp_path / "o"), *flags]) == 1
+        assert "--lora-rank must be positive and --lora-layers positive or -1" in capsys.readouterr().err
 
 
 def test_cpt_rejects_a_ksa_source_and_a_bad_pattern_before_loading(tmp_path, capsys, monkeypatch):
