@@ -423,6 +423,8 @@ def run(ns):
             raise ValueError(f"--lora-rank must be positive and --lora-layers positive or -1 (all), "
                              f"got {ns.lora_rank} and {ns.lora_layers}")
         model, tokenizer, config = load(ns.model, return_config=True)
+        if not ns.full and ns.lora_layers > len(model.layers):  # as mlx_lm.lora
+            raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} layers")
     tokens = read_tokens(ns.data, tokenizer)
     batches = Batches(pack(tokens, targs.seq_len), targs.batch_size, targs.seed)
     val = None
@@ -432,8 +434,6 @@ def run(ns):
     if ns.cmd == "finetune" and not ns.full:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
-        if ns.lora_layers > len(model.layers):  # as mlx_lm.lora
-            raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} layers")
         model.freeze()
         lora = {"rank": ns.lora_rank, "scale": ns.lora_scale, "dropout": 0.0}
         linear_to_lora_layers(model, ns.lora_layers, lora)
