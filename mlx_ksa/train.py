@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .data import Batches, pack, read_tokens
+from .data import Batches, pack, pack_weights, read_tokens, read_tokens_and_mask
 from .model import Model, ModelArgs
 
 DISTILL_KL, DISTILL_MSE, MSE_CLAMP = 5.0, 5.0, 0.1  # the paper's stage-1 weights
@@ -78,7 +78,10 @@ def lm_loss(model, batch):
     tokens, weights = batch if isinstance(batch, tuple) else (batch, None)
     logits = model(tokens[:, :-1]).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:])
-    return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
+    if weights is None:
+        return ce.mean()
+    total = weights.sum()  # a batch of masked targets only: loss 0, no gradient
+    return (ce * weights).sum() / mx.where(total > 0, total, 1)
 
 
 # -- checkpoints ----------------------------------------------------------
@@ -376,6 +379,8 @@ def main(argv=None):
     ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     ft.add_argument("--lora-rank", type=int, default=8)
     ft.add_argument("--lora-scale", type=float, default=20.0)
+    ft.add_argument("--mask-prompt", action="store_true",
+                    help="learn only the completions of {\"prompt\", \"completion\"} JSONL records")
     ft.add_argument("--lora-layers", type=int, default=16, help="blocks to adapt, from the last (-1: all)")
     fu = sub.add_parser("fuse", help="fold LoRA adapters into the weights")
     fu.add_argument("--model", required=True, help="the model the adapters were trained on")
@@ -425,11 +430,15 @@ def run(ns):
         model, tokenizer, config = load(ns.model, return_config=True)
         if not ns.full and ns.lora_layers > len(model.layers):  # as mlx_lm.lora
             raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} layers")
-    tokens = read_tokens(ns.data, tokenizer)
-    batches = Batches(pack(tokens, targs.seq_len), targs.batch_size, targs.seed)
-    val = None
-    if ns.val_data:
-        val = Batches(pack(read_tokens(ns.val_data, tokenizer), targs.seq_len), targs.batch_size, targs.seed)
+    mask_prompt = getattr(ns, "mask_prompt", False)
+
+    def batches_of(paths):
+        tokens, mask = read_tokens_and_mask(paths, tokenizer, mask_prompt)
+        weights = pack_weights(mask, targs.seq_len) if mask_prompt else None
+        return Batches(pack(tokens, targs.seq_len), targs.batch_size, targs.seed, weights)
+
+    batches = batches_of(ns.data)
+    val = batches_of(ns.val_data) if ns.val_data else None
     out = Path(ns.out)
     if ns.cmd == "finetune" and not ns.full:
         from mlx_lm.tuner.utils import linear_to_lora_layers

@@ -3,13 +3,14 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 import mlx_ksa
 from mlx_ksa import train as T
-from mlx_ksa.data import Batches, pack
+from mlx_ksa.data import Batches, pack, pack_weights, read_tokens, read_tokens_and_mask
 from mlx_ksa.model import Model, ModelArgs
 from tests import torch_reference as ref
 from tests.helpers import tiny_checkpoint, write_tokenizer
@@ -63,6 +64,69 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses():
     np.testing.assert_allclose(T.lm_loss(model, mx.array(tokens)).item(), ce.mean(), rtol=1e-5)
 
 
+def test_fully_masked_batch_has_zero_loss_and_no_nan():
+    model, _ = fresh_model()
+    tokens = mx.array(pack(copy_task(), 16)[:2])
+    loss, grads = nn.value_and_grad(model, T.lm_loss)(model, (tokens, mx.zeros((2, 16))))
+    assert loss.item() == 0.0
+    assert all(np.isfinite(np.array(g)).all() and not np.array(g).any() for _, g in tree_flatten(grads))
+
+
+def test_prompt_masks_and_their_packing(tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    write_tokenizer(tmp_path, 96)
+    tok = load_tokenizer(tmp_path)
+    records = [{"prompt": "Q: 2+2? ", "completion": "A: 4"}, {"text": "plain text"},
+               {"prompt": "Q: hi ", "completion": "A: hello"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    tokens, mask = read_tokens_and_mask([data], tok, mask_prompt=True)
+    np.testing.assert_array_equal(tokens, read_tokens([data], tok))
+    # Independently: each record's ids, its prompt's ids zero, the rest (EOS included) one.
+    eos, want_ids, want_mask = tok.eos_token_id, [], []
+    for r in records:
+        prompt, completion = r.get("prompt", ""), r.get("completion", r.get("text"))
+        ids = tok.encode(prompt + completion) + [eos]
+        n = len(tok.encode(prompt)) if prompt else 0
+        want_ids += ids
+        want_mask += [0] * n + [1] * (len(ids) - n)
+    np.testing.assert_array_equal(tokens, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert read_tokens_and_mask([data], tok)[1].all()  # without mask_prompt every token is learned
+    rows, weights = pack(tokens, 5), pack_weights(mask, 5)
+    assert weights.shape == (len(rows), 5)
+    for r in range(len(rows)):  # target j of row r is token r*5 + j + 1
+        np.testing.assert_array_equal(weights[r], mask[r * 5 + 1 : r * 5 + 6])
+        np.testing.assert_array_equal(rows[r], tokens[r * 5 : r * 5 + 6])
+    data.write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: expected .* 'prompt' and 'completion'"):
+        read_tokens_and_mask([data], tok)
+
+
+def test_finetune_mask_prompt_learns_only_completions(tmp_path, monkeypatch):
+    """--mask-prompt: the batches the trainer sees weigh exactly the completion targets."""
+    path, cfg, _ = tiny_checkpoint(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"question {i}: ", "completion": f"answer {i * 7}"})
+                              for i in range(60)))
+    seen = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda model, config, batches, *a, **k: seen.append(batches)
+                        or real(model, config, batches, *a, **k))
+    args = ["finetune", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "ad"),
+            "--steps", "2", "--batch-size", "2", "--seq-len", "24", "--lora-layers", "2", "--lora-rank", "4"]
+    assert T.main(args + ["--mask-prompt"]) == 0
+    tokens, weights = next(seen[-1])
+    assert set(np.unique(np.array(weights))) == {0.0, 1.0}
+    from mlx_lm.utils import load_tokenizer
+
+    ids, mask = read_tokens_and_mask([data], load_tokenizer(path), mask_prompt=True)
+    np.testing.assert_array_equal(seen[-1].weights, pack_weights(mask, 24))
+    assert T.main(args) == 0
+    assert seen[-1].weights is None
+
+
 def test_batches_reject_misshaped_weights():
     rows = pack(copy_task(), 16)
     with pytest.raises(ValueError, match="one weight per target"):
@@ -94,7 +158,6 @@ def test_distill_loss_has_gradients_only_for_summary_weights(tmp_path):
     trainable = {k for k, _ in tree_flatten(student.trainable_parameters())}
     assert "model.summary_embedding" in trainable
     assert all("summary" in k for k in trainable)
-    import mlx.nn as nn
     batch = mx.array(pack(copy_task(), 40)[:2])
     value, grads = nn.value_and_grad(student, T.distill_loss(dense))(student, batch)
     assert np.isfinite(value.item())
