@@ -15,9 +15,11 @@ def read_tokens(paths, tokenizer=None):
 
 def read_tokens_and_mask(paths, tokenizer=None, mask_prompt=False):
     """read_tokens' stream and a 0/1 mask over it: 1 where a token is a
-    training target. JSONL records are {"text": ...} or {"prompt": ...,
-    "completion": ...} (mlx-lm's completions format); with mask_prompt a
-    prompt's tokens are 0, so only the completion and its EOS are learned."""
+    training target. JSONL records take mlx-lm's formats: {"text": ...},
+    {"prompt": ..., "completion": ...} and {"messages": [...]} (through the
+    tokenizer's chat template). With mask_prompt the prompt's tokens (all
+    messages before the last, and the assistant header) are 0, so only the
+    completion is learned."""
     parts, masks = [], []
     for path in map(Path, paths):
         if path.suffix == ".npy":
@@ -30,14 +32,13 @@ def read_tokens_and_mask(paths, tokenizer=None, mask_prompt=False):
         if tokenizer is None:
             raise ValueError(f"{path}: text data needs a tokenizer")
         if path.suffix == ".jsonl":
-            docs = [_record(path, i, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+            records = [_record(path, i, line) for i, line in enumerate(path.read_text().splitlines())
+                       if line.strip()]
         else:
-            docs = [("", path.read_text(errors="replace"))]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for prompt, completion in docs:
-            ids = tokenizer.encode(prompt + completion) + eos
-            # The prompt alone tokenizes as the start of the whole (BOS included).
-            n_prompt = min(len(tokenizer.encode(prompt)), len(ids)) if mask_prompt and prompt else 0
+            records = [{"text": path.read_text(errors="replace")}]
+        for record in records:
+            ids, n_prompt = _encode(tokenizer, record)
+            n_prompt = min(n_prompt, len(ids)) if mask_prompt else 0
             parts.append(np.array(ids, np.int32))
             masks.append(np.concatenate([np.zeros(n_prompt, np.uint8), np.ones(len(ids) - n_prompt, np.uint8)]))
     if not parts:
@@ -45,17 +46,38 @@ def read_tokens_and_mask(paths, tokenizer=None, mask_prompt=False):
     return np.concatenate(parts), np.concatenate(masks)
 
 
+def _encode(tokenizer, record):
+    """(token ids, how many of them are the prompt) of one record."""
+    if "messages" in record:
+        # As mlx-lm's chat datasets: the template ends each turn itself.
+        messages = record["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
+        return tokenizer.apply_chat_template(messages), len(prompt)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt = record.get("prompt", "")
+    ids = tokenizer.encode(prompt + record.get("completion", record.get("text", ""))) + eos
+    # The prompt alone tokenizes as the start of the whole (BOS included).
+    return ids, len(tokenizer.encode(prompt)) if prompt else 0
+
+
 def _record(path, i, line):
-    """(prompt, completion) of one JSONL line."""
+    """One JSONL line as a dict of one of the formats read_tokens_and_mask takes."""
     try:
         obj = json.loads(line)
-        record = ("", obj["text"]) if "text" in obj else (obj["prompt"], obj["completion"])
-        if all(isinstance(x, str) for x in record):
-            return record
+        if "messages" in obj:
+            messages = obj["messages"]
+            if messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                and isinstance(m.get("role"), str) for m in messages):
+                return {"messages": messages}
+        elif "text" in obj:
+            if isinstance(obj["text"], str):
+                return {"text": obj["text"]}
+        elif isinstance(obj["prompt"], str) and isinstance(obj["completion"], str):
+            return {"prompt": obj["prompt"], "completion": obj["completion"]}
     except (json.JSONDecodeError, KeyError, TypeError):
         pass
-    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field, or 'prompt' and "
-                     "'completion' fields (strings)")
+    raise ValueError(f"{path}:{i + 1}: expected a JSON object with a 'text' field, 'prompt' and "
+                     "'completion' fields, or a non-empty 'messages' list of {role, content} (strings)")
 
 
 def _rows(n_tokens, seq_len):

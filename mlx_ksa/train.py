@@ -380,7 +380,8 @@ def main(argv=None):
     ft.add_argument("--lora-rank", type=int, default=8)
     ft.add_argument("--lora-scale", type=float, default=20.0)
     ft.add_argument("--mask-prompt", action="store_true",
-                    help="learn only the completions of {\"prompt\", \"completion\"} JSONL records")
+                    help="learn only the completion of {prompt, completion} JSONL records and the last "
+                         "message of {messages} ones")
     ft.add_argument("--lora-layers", type=int, default=16, help="blocks to adapt, from the last (-1: all)")
     fu = sub.add_parser("fuse", help="fold LoRA adapters into the weights")
     fu.add_argument("--model", required=True, help="the model the adapters were trained on")

@@ -77,8 +77,10 @@ def test_prompt_masks_and_their_packing(tmp_path):
 
     write_tokenizer(tmp_path, 96)
     tok = load_tokenizer(tmp_path)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
     records = [{"prompt": "Q: 2+2? ", "completion": "A: 4"}, {"text": "plain text"},
-               {"prompt": "Q: hi ", "completion": "A: hello"}]
+               {"messages": chat}, {"prompt": "Q: hi ", "completion": "A: hello"}]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
     tokens, mask = read_tokens_and_mask([data], tok, mask_prompt=True)
@@ -86,9 +88,14 @@ def test_prompt_masks_and_their_packing(tmp_path):
     # Independently: each record's ids, its prompt's ids zero, the rest (EOS included) one.
     eos, want_ids, want_mask = tok.eos_token_id, [], []
     for r in records:
-        prompt, completion = r.get("prompt", ""), r.get("completion", r.get("text"))
-        ids = tok.encode(prompt + completion) + [eos]
-        n = len(tok.encode(prompt)) if prompt else 0
+        if "messages" in r:  # the chat template's text: every turn but the last is prompt
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in r["messages"])
+            ids = tok.encode(text)
+            n = len(tok.encode(text[: text.rindex("assistant: ") + len("assistant: ")]))
+        else:
+            prompt, completion = r.get("prompt", ""), r.get("completion", r.get("text"))
+            ids = tok.encode(prompt + completion) + [eos]
+            n = len(tok.encode(prompt)) if prompt else 0
         want_ids += ids
         want_mask += [0] * n + [1] * (len(ids) - n)
     np.testing.assert_array_equal(tokens, want_ids)
@@ -99,9 +106,10 @@ def test_prompt_masks_and_their_packing(tmp_path):
     for r in range(len(rows)):  # target j of row r is token r*5 + j + 1
         np.testing.assert_array_equal(weights[r], mask[r * 5 + 1 : r * 5 + 6])
         np.testing.assert_array_equal(rows[r], tokens[r * 5 : r * 5 + 6])
-    data.write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: expected .* 'prompt' and 'completion'"):
-        read_tokens_and_mask([data], tok)
+    for bad in ({"prompt": "x"}, {"messages": []}, {"messages": [{"role": "user"}]}, {"text": 3}):
+        data.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"d\.jsonl:1: expected .* 'prompt' and 'completion' .*'messages'"):
+            read_tokens_and_mask([data], tok)
 
 
 def test_finetune_mask_prompt_learns_only_completions(tmp_path, monkeypatch):
