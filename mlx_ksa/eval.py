@@ -321,18 +321,9 @@ def main(argv=None):
             raise ValueError("nothing to evaluate: give --tasks or --perplexity")
         # Read before the model loads and the tasks run, so a bad path fails at once.
         text = Path(a.perplexity).read_text(errors="replace") if a.perplexity else None
-        from .generate import load_any, resolve_model
+        from .generate import load_any
 
-        if a.dense:
-            from mlx_lm import load as mlx_lm_load
-
-            path = resolve_model(a.model)
-            try:
-                model, tokenizer = mlx_lm_load(str(path))
-            except RuntimeError as e:  # mx.load on a truncated or corrupt weight file
-                raise ValueError(f"cannot read the weights in {path}: {e}") from None
-        else:
-            model, tokenizer = load_any(a.model)
+        model, tokenizer = load_any(a.model, dense=a.dense)
         start, rows = time.perf_counter(), []
         kv = {"kv_bits": a.kv_bits, "kv_group_size": a.kv_group_size if a.kv_bits else None}
         for task in a.tasks:

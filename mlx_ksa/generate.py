@@ -37,7 +37,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cache import KSACache
 from .model import Model
-from .utils import DEFAULT_MODEL, load, local_path  # importing mlx_ksa registers KSACache for load_prompt_cache
+# Importing mlx_ksa registers KSACache for load_prompt_cache.
+from .utils import DEFAULT_MODEL, load, local_path, weight_read_errors
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
@@ -138,15 +139,17 @@ def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None
     return model, tokenizer, path
 
 
-def load_any(spec, **kwargs):
+def load_any(spec, dense=False, **kwargs):
     """(model, tokenizer) for a KSA model through mlx_ksa.load, and for any
-    other model through mlx_lm.load: a draft model need not be KSA."""
+    other model (or with dense) through mlx_lm.load: a draft model or a
+    baseline need not be KSA."""
     path = resolve_model(spec)
-    if is_ksa_checkpoint(path):
+    if is_ksa_checkpoint(path) and not dense:
         return load(str(path), **kwargs)
     from mlx_lm.utils import load as mlx_lm_load
 
-    return mlx_lm_load(str(path), **kwargs)
+    with weight_read_errors(path):
+        return mlx_lm_load(str(path), **kwargs)
 
 
 # mlx-lm's speculative decoding quantizes a copy of the cache list: the caches

@@ -299,14 +299,11 @@ def cpt(dense_path, out, data, targs: TrainArgs, anneal: TrainArgs, *, val=None,
         # mix_coeff is a Python float that a compiled step would freeze at its first value.
         raise ValueError("the anneal stage cannot be compiled (--anneal-compile): mix_coeff changes every step")
 
-    from mlx_lm.utils import _download
-
     from .pattern import parse_windows
-    from .utils import local_path
+    from .utils import fetch
 
-    local_path(dense_path)  # a mistyped path is named, not looked up on the hub
-    path = _download(str(dense_path))
-    source = json.loads((Path(path) / "config.json").read_text())
+    path = fetch(dense_path)  # a mistyped path is named, not looked up on the hub
+    source = json.loads((path / "config.json").read_text())
     if "summary_chunk_size" in source or source.get("use_summary_attention"):
         raise ValueError(f"{dense_path} is already a KSA model (its config has summary keys): "
                          "cpt starts from a dense Qwen3")

@@ -1,5 +1,6 @@
 """Loading KSA models: official HF-format checkpoints and mlx-ksa directories."""
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -29,17 +30,26 @@ def load_model(path, lazy=False, model_config=None):
         found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         hint = f" (found {', '.join(found)}: convert them with python -m mlx_ksa.convert)" if found else ""
         raise FileNotFoundError(f"no model*.safetensors in {path}{hint}")
+    with weight_read_errors(path):
+        try:
+            return _mlx_lm_load_model(path, lazy, model_config=model_config,
+                                      get_model_classes=_model_classes)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        except (ValueError, TypeError) as e:
+            # mlx-lm infers a quantized layer's bits from its packed shape, so a
+            # config whose sizes do not match the weights surfaces as odd bits.
+            hint = " (do config.json's sizes match the weights?)" if "[quantize]" in str(e) else ""
+            raise ValueError(f"cannot load the KSA model in {path}: {e}{hint}") from None
+
+
+@contextlib.contextmanager
+def weight_read_errors(path):
+    """mx.load's RuntimeError on a truncated or corrupt weight file, as a
+    ValueError naming the model directory (for any loader)."""
     try:
-        return _mlx_lm_load_model(path, lazy, model_config=model_config,
-                                  get_model_classes=_model_classes)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    except (ValueError, TypeError) as e:
-        # mlx-lm infers a quantized layer's bits from its packed shape, so a
-        # config whose sizes do not match the weights surfaces as odd bits.
-        hint = " (do config.json's sizes match the weights?)" if "[quantize]" in str(e) else ""
-        raise ValueError(f"cannot load the KSA model in {path}: {e}{hint}") from None
-    except RuntimeError as e:  # mx.load on a truncated or corrupt weight file
+        yield
+    except RuntimeError as e:
         raise ValueError(f"cannot read the weights in {path}: {e}") from None
 
 
@@ -62,13 +72,18 @@ def local_path(spec):
     return None
 
 
+def fetch(spec, revision=None):
+    """The local directory of a model path or hub repo id (downloaded)."""
+    local_path(spec)
+    return Path(_download(str(spec), revision=revision))
+
+
 def load(path_or_hf_repo=DEFAULT_MODEL, tokenizer_config=None, model_config=None, adapter_path=None,
          lazy=False, return_config=False, revision=None):
     """(model, tokenizer) as mlx_lm.load gives them; a repo id is downloaded;
     no argument: the model shipped in the package.
     adapter_path: LoRA adapters saved by `python -m mlx_ksa.train finetune`."""
-    local_path(path_or_hf_repo)
-    path = _download(str(path_or_hf_repo), revision=revision)
+    path = fetch(path_or_hf_repo, revision)
     model, config = load_model(path, lazy, model_config=model_config)
     if adapter_path is not None:
         from mlx_lm.tuner.utils import load_adapters
