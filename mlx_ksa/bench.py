@@ -11,8 +11,9 @@ Sections:
            for SDPA, over the causal ones.
   decode   one KSA layer's decode attention at a context: the decode kernel
            over KSACache's buffer (the whole call, and its GPU time with the
-           graphs built before the clock starts) vs SDPA over a dense cache of the same length; bytes
-           of K/V read per second against a measured copy bandwidth.
+           graphs built before the clock starts) vs SDPA over a dense cache of
+           the same length; bytes of K/V read per second against a measured
+           copy bandwidth.
   model    the whole model with random weights in the KSA-4B-base shapes vs the
            same shapes with every layer dense (mlx-lm's qwen3): prefill
            tokens/s, decode tokens/s (caches filled with random K/V: decode
@@ -220,12 +221,12 @@ def bench_decode(cfg, dtype=mx.bfloat16):
         kv = lambda keys: 2 * Hkv * keys * D * size
         row["ksa_GBps"] = kv(keys_read) / row["ksa_s"] / 1e9
         row["dense_GBps"] = kv(T + 1) / row["dense_sdpa_s"] / 1e9
-        row["passes_s"] = row["passes_GBps"] = None
+        row["prebuilt_s"] = row["prebuilt_GBps"] = None
         if kernel:
             # The kernel's own cost: the graphs are built before the clock
             # starts, as the per-call planning makes a lone step host-bound.
-            row["passes_s"] = timeit_prebuilt(lambda: decode_kernel.decode_attention(*args), warmup=3)
-            row["passes_GBps"] = kv(keys_read) / row["passes_s"] / 1e9
+            row["prebuilt_s"] = timeit_prebuilt(lambda: decode_kernel.decode_attention(*args), warmup=3)
+            row["prebuilt_GBps"] = kv(keys_read) / row["prebuilt_s"] / 1e9
         rows.append(row)
     return dict(copy_GBps=copy / 1e9, backend=backend() if served else "cpu", rows=rows)
 
@@ -450,7 +451,7 @@ def markdown(results, only=None):
                 table(["context", "keys read", "ksa (kernel)" if d["backend"] != "cpu" else "ksa (reference)",
                        "GB/s", "kernel, graphs prebuilt", "GB/s", "reference", "dense SDPA", "GB/s"],
                       [(r["context"], r["ksa_keys_read"], us(r["ksa_s"]), r["ksa_GBps"],
-                        r["passes_s"] and us(r["passes_s"]), r["passes_GBps"],
+                        r["prebuilt_s"] and us(r["prebuilt_s"]), r["prebuilt_GBps"],
                         us(r["reference_s"]), us(r["dense_sdpa_s"]), r["dense_GBps"]) for r in d["rows"]])]
     if "model" in results:
         out += ["", "### Whole model, random weights (tokens/s; KV GB)",
