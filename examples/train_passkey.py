@@ -32,6 +32,7 @@ stops a run that is slower than measured). --steps fixes the count instead.
 """
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -347,6 +348,7 @@ def evaluate(name, model, tokenizer, cfg, a, lengths, depths, window_tokens, rea
 SAMPLE_PROMPT = "def fibonacci(n):"  # the README's first command
 
 
+@functools.lru_cache(maxsize=None)  # read once for the three models checked
 def held_out_text(max_chars):
     """Python source not in the training data: this package's own."""
     files = sorted(Path(ksa_eval.__file__).parent.rglob("*.py"))
