@@ -37,8 +37,8 @@ def read_tokens_and_mask(paths, tokenizer=None, mask_prompt=False):
         else:
             records = [{"text": path.read_text(errors="replace")}]
         for record in records:
-            ids, n_prompt = _encode(tokenizer, record)
-            n_prompt = min(n_prompt, len(ids)) if mask_prompt else 0
+            ids, n_prompt = _encode(tokenizer, record, mask_prompt)
+            n_prompt = min(n_prompt, len(ids))
             parts.append(np.array(ids, np.int32))
             masks.append(np.concatenate([np.zeros(n_prompt, np.uint8), np.ones(len(ids) - n_prompt, np.uint8)]))
     if not parts:
@@ -46,18 +46,20 @@ def read_tokens_and_mask(paths, tokenizer=None, mask_prompt=False):
     return np.concatenate(parts), np.concatenate(masks)
 
 
-def _encode(tokenizer, record):
-    """(token ids, how many of them are the prompt) of one record."""
+def _encode(tokenizer, record, mask_prompt):
+    """(token ids, how many of them are the masked prompt) of one record; the
+    prompt is tokenized on its own only when it is masked."""
     if "messages" in record:
         # As mlx-lm's chat datasets: the template ends each turn itself.
         messages = record["messages"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
+        masked = mask_prompt and len(messages) > 1
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True) if masked else []
         return tokenizer.apply_chat_template(messages), len(prompt)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt = record.get("prompt", "")
     ids = tokenizer.encode(prompt + record.get("completion", record.get("text", ""))) + eos
     # The prompt alone tokenizes as the start of the whole (BOS included).
-    return ids, len(tokenizer.encode(prompt)) if prompt else 0
+    return ids, len(tokenizer.encode(prompt)) if mask_prompt and prompt else 0
 
 
 def _record(path, i, line):
