@@ -507,7 +507,7 @@ def parse_args(argv):
     p.add_argument("--report-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     # evaluation and export
-    p.add_argument("--eval-multiples", type=float, nargs="+", default=[2, 4, 8, 16],
+    p.add_argument("--eval-multiples", type=float, nargs="+", default=[1, 2, 4, 8, 16],
                    help="context lengths as multiples of the largest window")
     p.add_argument("--eval-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--eval-trials", type=int, default=100, help="trials per length (over the depths)")
