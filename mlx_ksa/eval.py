@@ -270,7 +270,9 @@ def format_table(summary, kv_bytes=None, kv=None):
     return "\n".join(lines)
 
 
-def plot(summary, path):
+def _pyplot():
+    # An optional extra: main asks before the tasks run, so a missing install
+    # does not surface after minutes of evaluation.
     try:
         import matplotlib
 
@@ -278,6 +280,13 @@ def plot(summary, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'mlx-ksa[plot]'") from None
+    return plt
+
+
+def plot(summary, path):
+    """A PNG heat map per task: score by needle depth (rows) and length (columns).
+    Returns the matplotlib figure (for a notebook)."""
+    plt = _pyplot()
     tasks = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -292,6 +301,7 @@ def plot(summary, path):
         ax.set_title(task)
     fig.colorbar(im, ax=axes[0].tolist())
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def main(argv=None):
@@ -315,10 +325,20 @@ def main(argv=None):
     p.add_argument("--plot", help="PNG heat map of score by depth and length")
     a = p.parse_args(argv)
     try:
-        if any(d < 0 or d > 1 for d in a.depths) or any(L < 64 for L in a.lengths) or a.trials < 1:
-            raise ValueError("depths must lie in [0, 1], lengths be >= 64 tokens, trials >= 1")
+        if bad := [d for d in a.depths if not 0 <= d <= 1]:
+            raise ValueError(f"--depths {' '.join(map(str, bad))}: a depth lies in [0, 1]")
+        if bad := [L for L in a.lengths if L < 64]:
+            raise ValueError(f"--lengths {' '.join(map(str, bad))}: a prompt is at least 64 tokens")
+        if a.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {a.trials}")
+        if a.max_tokens is not None and a.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {a.max_tokens}")
         if not a.tasks and not a.perplexity:
             raise ValueError("nothing to evaluate: give --tasks or --perplexity")
+        if a.plot:
+            if not a.tasks:
+                raise ValueError("--plot draws the tasks' scores: give --tasks")
+            _pyplot()
         # Read before the model loads and the tasks run, so a bad path fails at once.
         text = Path(a.perplexity).read_text(errors="replace") if a.perplexity else None
         from .generate import load_any

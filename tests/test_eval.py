@@ -3,6 +3,7 @@
 import collections
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -105,10 +106,42 @@ def test_smoke_run_on_the_shipped_model(tmp_path):
     assert any(r["score"] for r in rows)  # it does retrieve: the shipped model is not noise
 
 
-def test_cli_rejects_bad_depth(tmp_path, capsys):
-    path, *_ = tiny_checkpoint(tmp_path / "m")
-    assert E.main(["--model", str(path), "--depths", "1.5"]) == 1
-    assert "error:" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--depths", "0.5", "1.5"], "--depths 1.5: a depth lies in [0, 1]"),
+    (["--lengths", "128", "32"], "--lengths 32: a prompt is at least 64 tokens"),
+    (["--trials", "0"], "--trials must be >= 1, got 0"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--tasks", "--perplexity", "{text}", "--plot", "{png}"], "--plot draws the tasks' scores"),
+])
+def test_cli_names_a_bad_option_before_loading(tmp_path, capsys, args, message):
+    text = tmp_path / "t.txt"
+    text.write_text("x = 1\n")
+    args = [s.replace("{text}", str(text)).replace("{png}", str(tmp_path / "h.png")) for s in args]
+    # A model that does not exist: the option is checked first.
+    assert E.main(["--model", str(tmp_path / "nope"), *args]) == 1
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_plot_without_matplotlib_fails_before_the_tasks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    assert E.main(["--model", str(tmp_path / "nope"), "--plot", str(tmp_path / "h.png")]) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_plot_draws_each_task_by_depth_and_length(tmp_path):
+    pytest.importorskip("matplotlib")  # installed by the test extra
+    rows = [{"task": t, "length": L, "depth": d, "score": s}
+            for t, L, d, s in [("passkey", 128, 0.0, 1.0), ("passkey", 128, 0.0, 0.0),
+                               ("passkey", 128, 1.0, 1.0), ("passkey", 256, 0.0, 0.0),
+                               ("passkey", 256, 1.0, 1.0), ("niah_single", 128, 0.5, 1.0)]]
+    png = tmp_path / "h.png"
+    fig = E.plot(E.summarize(rows), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = {ax.get_title(): np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images}
+    # Rows are depths, columns lengths, cells the mean score of those trials.
+    np.testing.assert_array_equal(heat["passkey"], [[0.5, 0.0], [1.0, 1.0]])
+    np.testing.assert_array_equal(heat["niah_single"], [[1.0]])
 
 
 def test_cli_model_defaults_to_the_shipped_one_and_names_a_bad_one(tmp_path, capsys):
