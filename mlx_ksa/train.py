@@ -427,7 +427,8 @@ def run(ns):
                              f"got {ns.lora_rank} and {ns.lora_layers}")
         model, tokenizer, config = load(ns.model, return_config=True)
         if not ns.full and ns.lora_layers > len(model.layers):  # as mlx_lm.lora
-            raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} layers")
+            raise ValueError(f"--lora-layers {ns.lora_layers} is more than the model's {len(model.layers)} "
+                             f"layers (give --lora-layers {len(model.layers)}, or -1 for all)")
     mask_prompt = getattr(ns, "mask_prompt", False)
 
     def batches_of(paths):
