@@ -131,6 +131,8 @@ def resolve_model(spec=None, revision=None):
 def load_model_and_tokenizer(spec=None, adapter_path=None, tokenizer_config=None, lazy=False):
     """(model, tokenizer, directory) for --model `spec` (see resolve_model)."""
     path = resolve_model(spec)
+    if adapter_path is not None and not Path(adapter_path).is_dir():  # not the model's fault
+        raise ValueError(f"--adapter-path {adapter_path} does not exist")
     try:
         model, tokenizer = load(str(path), tokenizer_config=tokenizer_config, adapter_path=adapter_path,
                                 lazy=lazy)

@@ -143,7 +143,9 @@ def test_default_model_without_model_flag(env):
     (["--prompt-cache-file", "{corrupt}"], "corrupt"),
     (["--prompt-cache-file", "/no/such/cache.safetensors"], "does not exist"),
     (["--model", "{truncated}"], "cannot read the weights in"),
-], ids=["bad-model", "bad-int", "bad-top-p", "corrupt-cache", "missing-cache", "truncated-weights"])
+    (["--adapter-path", "/no/such/adapters"], "--adapter-path /no/such/adapters does not exist"),
+], ids=["bad-model", "bad-int", "bad-top-p", "corrupt-cache", "missing-cache", "truncated-weights",
+        "missing-adapters"])
 def test_errors_are_one_line(model_dir, env, tmp_path, args, message):
     corrupt = tmp_path / "cache.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
