@@ -86,7 +86,8 @@ def _rows(n_tokens, seq_len):
     """Token indices of the rows `pack` makes: seq_len + 1 each, end dropped."""
     n = (n_tokens - 1) // seq_len
     if n < 1:
-        raise ValueError(f"{n_tokens} tokens are fewer than one sequence of {seq_len + 1}")
+        raise ValueError(f"{n_tokens} tokens are fewer than one sequence of {seq_len + 1}: "
+                         "give more data or a shorter sequence (--seq-len)")
     return (np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)[None]
 
 

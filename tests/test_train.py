@@ -106,6 +106,8 @@ def test_prompt_masks_and_their_packing(tmp_path):
     for r in range(len(rows)):  # target j of row r is token r*5 + j + 1
         np.testing.assert_array_equal(weights[r], mask[r * 5 + 1 : r * 5 + 6])
         np.testing.assert_array_equal(rows[r], tokens[r * 5 : r * 5 + 6])
+    with pytest.raises(ValueError, match=r"^5 tokens are fewer than one sequence of 6: give more data"):
+        pack(tokens[:5], 5)  # a row is seq_len + 1 tokens: inputs and the shifted targets
     for bad in ({"prompt": "x"}, {"messages": []}, {"messages": [{"role": "user"}]}, {"text": 3}):
         data.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=r"d\.jsonl:1: expected .* 'prompt' and 'completion' .*'messages'"):
