@@ -130,7 +130,6 @@ def test_plot_without_matplotlib_fails_before_the_tasks(tmp_path, capsys, monkey
 
 
 def test_plot_draws_each_task_by_depth_and_length(tmp_path):
-    pytest.importorskip("matplotlib")  # installed by the test extra
     rows = [{"task": t, "length": L, "depth": d, "score": s}
             for t, L, d, s in [("passkey", 128, 0.0, 1.0), ("passkey", 128, 0.0, 0.0),
                                ("passkey", 128, 1.0, 1.0), ("passkey", 256, 0.0, 0.0),
