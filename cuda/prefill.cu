@@ -40,15 +40,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+// ldmatrix from a shared-window address (see ldsm_base).
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(addr));
 }
 
 // c += a (16x16, row major) * b (16x8, column major), float32 accumulators.
@@ -86,6 +87,88 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 template <int D>
 __device__ __forceinline__ int swz(int row, int col) {
   return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// 2^x in one instruction (MUFU.EX2). exp2f adds a denormal fix-up around it
+// (four instructions), and probabilities below 2^-126 are 0 to bfloat16 anyway.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Tiles must be aligned to their row size (at most 256 bytes), so that the
+// row offsets leave bits 4-7 of a shared address free for the swizzled chunk.
+#define KSA_TILE __align__(256)
+
+// Async copy of ROWS rows [r0, r0 + ROWS) of src into a swizzled [ROWS][D]
+// tile (rows >= end zero filled); NT threads. Each thread copies one column
+// chunk of every RP-th row: RP is a multiple of 8, so every row it copies
+// has the same swizzle and the addresses are a base plus constants.
+template <typename T, int D, int ROWS, int NT>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int end, int tid) {
+  constexpr int CH = D / 8, RP = NT / CH;  // 16-byte chunks per row, rows per pass
+  static_assert(RP % 8 == 0 && ROWS % RP == 0, "one swizzle per thread");
+  const int r = tid / CH, cc = tid % CH;
+  T* d = dst + swz<D>(r, cc * 8);
+  const T* s = src + size_t(r0 + r) * D + cc * 8;
+  #pragma unroll
+  for (int i = 0; i < ROWS / RP; ++i) {
+    const bool ok = r0 + r + i * RP < end;
+    cp_async16(d + i * RP * D, ok ? s + size_t(i) * RP * D : src, ok);
+  }
+}
+
+// ldmatrix addresses. Columns [16kk, 16kk + 16) are chunks 2kk and 2kk + 1,
+// stored at chunk (2kk + c) ^ (row & 7) = 2kk ^ (c ^ (row & 7)): a per-thread
+// base (chunk c ^ (row & 7)) XOR kk << 5 (in bytes), plus the row offset.
+template <typename T, int D>
+__device__ __forceinline__ unsigned ldsm_base(const T* tile, int row, int c) {
+  return smem_addr(tile) + unsigned(row * D * sizeof(T)) + unsigned(((c ^ (row & 7)) << 4));
+}
+
+// c (16 x N, this warp's rows) += a[16 rows of the warp] * bt[N rows]^T, as
+// Q K^T.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const T* a, const T* bt, int warp,
+                                        int lane) {
+  const int i = lane >> 3;
+  const unsigned a0 = ldsm_base<T, D>(a, warp * 16 + (lane & 15), lane >> 4);
+  const unsigned b0 = ldsm_base<T, D>(bt, (i >> 1) * 8 + (lane & 7), i & 1);
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    unsigned af[4];
+    ldsm_x4(af, a0 ^ (kk << 5));
+    #pragma unroll
+    for (int nb = 0; nb < N / 16; ++nb) {
+      unsigned bf[4];
+      ldsm_x4(bf, (b0 ^ (kk << 5)) + nb * 16 * D * sizeof(T));
+      mma<T>(c[2 * nb], af, bf[0], bf[1]);
+      mma<T>(c[2 * nb + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// c (16 x D) += x (16 x N, accumulator layout, rounded to T) * b[N rows], as
+// P V.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_ab(float (&c)[D / 8][4], const float (&x)[N / 8][4], const T* b,
+                                       int lane) {
+  const int i = lane >> 3;
+  const unsigned b0 = ldsm_base<T, D>(b, (i & 1) * 8 + (lane & 7), i >> 1);
+  #pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    const unsigned xf[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
+                            pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                            pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+    #pragma unroll
+    for (int db = 0; db < D / 16; ++db) {
+      unsigned bf[4];
+      ldsm_x4_trans(bf, (b0 ^ (db << 5)) + kk * 16 * D * sizeof(T));
+      mma<T>(c[2 * db], xf, bf[0], bf[1]);
+      mma<T>(c[2 * db + 1], xf, bf[2], bf[3]);
+    }
+  }
 }
 
 // visibility.band_start / summary_prefix.
@@ -161,9 +244,9 @@ if (int(blockIdx.x) >= text_tiles) {
 }
 
 // ---- text queries ----
-__shared__ __align__(128) T sQ[BQ * D];
-__shared__ __align__(128) T sK[BK * D];
-__shared__ __align__(128) T sV[BK * D];
+__shared__ KSA_TILE T sQ[BQ * D];
+__shared__ KSA_TILE T sK[BK * D];
+__shared__ KSA_TILE T sV[BK * D];
 
 const int qt = text_tiles - 1 - blockIdx.x;  // heaviest tiles (most summaries) first
 const int qa = qt * BQ;                       // first query, relative to t0
@@ -172,16 +255,11 @@ const int n_sum = ksa::summary_prefix(t_last, chunk, S, window);
 const int lo = ksa::band_start(t_first, chunk, window), hi = t_last + 1;
 const int n_sb = (n_sum + BK - 1) / BK, n_blocks = n_sb + (hi - lo + BK - 1) / BK;
 const size_t qbase = (size_t(b) * H + h) * n;
+// Summary blocks ending by sum_full and text blocks in [band_full, t_first]
+// are visible to every row of the tile: no mask.
+const int sum_full = ksa::summary_prefix(t_first, chunk, S, window);
+const int band_full = ksa::band_start(t_last, chunk, window);
 
-// Async copy of 64 rows [row0, row0+64) of src (rows >= end zero filled).
-auto load_tile = [&](T* dst, const T* src, int row0, int end) {
-  constexpr int CH = D / 8;  // 16-byte chunks per row
-  for (int i = tid; i < 64 * CH; i += NT) {
-    const int r = i / CH, cc = i % CH;
-    const bool ok = row0 + r < end;
-    ksa::cp_async16(dst + ksa::swz<D>(r, cc * 8), src + (ok ? size_t(row0 + r) * D + cc * 8 : 0), ok);
-  }
-};
 // Key block j: summary blocks first, then the text band; row0 and end index
 // the array, first the key (summary index or text index) of its row 0.
 auto block = [&](int j, const T*& kp, const T*& vp, int& row0, int& end, int& first) {
@@ -192,24 +270,31 @@ auto block = [&](int j, const T*& kp, const T*& vp, int& row0, int& end, int& fi
   }
 };
 
-load_tile(sQ, q_text + qbase * D, qa, n);
+ksa::load_rows<T, D, BQ, NT>(sQ, q_text + qbase * D, qa, n, tid);
 ksa::cp_async_commit();
 {
   const T *kp, *vp; int row0, end, first;
   block(0, kp, vp, row0, end, first);
-  load_tile(sK, kp, row0, end);
+  ksa::load_rows<T, D, BK, NT>(sK, kp, row0, end, tid);
   ksa::cp_async_commit();
-  load_tile(sV, vp, row0, end);
+  ksa::load_rows<T, D, BK, NT>(sV, vp, row0, end, tid);
   ksa::cp_async_commit();
 }
-ksa::cp_async_wait<2>();
-__syncthreads();
 
-// This thread's two rows (r and r+8 of the warp's 16) and their key ranges.
-const int t_row[2] = {t_first + warp * 16 + (lane >> 2), t_first + warp * 16 + (lane >> 2) + 8};
+// This thread's two rows (r and r+8 of the warp's 16) and their key ranges:
+// summaries [0, row_sum), text [row_lo, t + 1).
+int t_row[2], row_lo[2], row_sum[2];
+#pragma unroll
+for (int rr = 0; rr < 2; ++rr) {
+  t_row[rr] = t_first + warp * 16 + (lane >> 2) + rr * 8;
+  row_lo[rr] = ksa::band_start(t_row[rr], chunk, window);
+  row_sum[rr] = ksa::summary_prefix(t_row[rr], chunk, S, window);
+}
 float o[D / 8][4];
 #pragma unroll
 for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+// Running maxima of the raw scores (the scale is positive, so it commutes
+// with max and folds into the exponent's fma).
 float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
 
 for (int j = 0; j < n_blocks; ++j) {
@@ -222,60 +307,44 @@ for (int j = 0; j < n_blocks; ++j) {
   float s[BK / 8][4];
   #pragma unroll
   for (int i = 0; i < BK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    // Q is re-read from shared memory: keeping all of it in registers cost
-    // 37 registers and measured ~5% slower.
-    unsigned qf[4];
-    ksa::ldsm_x4(qf, sQ + ksa::swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-    #pragma unroll
-    for (int nb = 0; nb < BK / 16; ++nb) {
-      unsigned kf[4];
-      const int i = lane >> 3;
-      ksa::ldsm_x4(kf, sK + ksa::swz<D>(nb * 16 + (i >> 1) * 8 + (lane & 7), kk * 16 + (i & 1) * 8));
-      ksa::mma<T>(s[2 * nb], qf, kf[0], kf[1]);
-      ksa::mma<T>(s[2 * nb + 1], qf, kf[2], kf[3]);
-    }
-  }
+  ksa::mma_abt<T, D, BK>(s, sQ, sK, warp, lane);
   __syncthreads();  // every warp is done with sK: prefetch the next K block
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;
     block(j + 1, kn, vn, r0n, endn, fn);
-    load_tile(sK, kn, r0n, endn);
+    ksa::load_rows<T, D, BK, NT>(sK, kn, r0n, endn, tid);
   }
   ksa::cp_async_commit();  // possibly empty: keeps the group count uniform
 
-  // Mask only blocks that cross some row's range boundary.
-  const bool full = is_sum ? first + BK <= ksa::summary_prefix(t_first, chunk, S, window)
-                           : first >= ksa::band_start(t_last, chunk, window) && first + BK - 1 <= t_first;
+  const bool full = is_sum ? first + BK <= sum_full : first >= band_full && first + BK - 1 <= t_first;
   #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    const int t = t_row[rr];
-    const int klo = is_sum ? 0 : ksa::band_start(t, chunk, window);
-    const int khi = is_sum ? ksa::summary_prefix(t, chunk, S, window) : t + 1;
-    float mx = ksa::NEG_INF;
-    #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb) {
+    if (!full) {
+      // Key first + nb*8 + (lane&3)*2 + e is visible iff its offset from klo is below the span.
+      const int klo = is_sum ? 0 : row_lo[rr], khi = is_sum ? row_sum[rr] : t_row[rr] + 1;
+      const int k0 = first + (lane & 3) * 2 - klo;
       #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nb][rr * 2 + e];
-        const int key = first + nb * 8 + (lane & 3) * 2 + e;
-        x = (full || (key >= klo && key < khi)) ? x * sl2 : ksa::NEG_INF;
-        mx = fmaxf(mx, x);
+      for (int nb = 0; nb < BK / 8; ++nb) {
+        #pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (unsigned(k0 + nb * 8 + e) >= unsigned(khi - klo)) s[nb][rr * 2 + e] = ksa::NEG_INF;
       }
     }
+    float mx = ksa::NEG_INF;
+    #pragma unroll
+    for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][rr * 2], s[nb][rr * 2 + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float mn = fmaxf(m_row[rr], mx);
-    const float base = mn == ksa::NEG_INF ? 0.f : mn;  // a row with nothing visible yet
-    const float alpha = exp2f(m_row[rr] - base);
+    const float base = mn == ksa::NEG_INF ? 0.f : mn * sl2;  // a row with nothing visible yet
+    const float alpha = ksa::ex2(m_row[rr] * sl2 - base);
     float sum = 0.f;
     #pragma unroll
     for (int nb = 0; nb < BK / 8; ++nb) {
       #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[nb][rr * 2 + e];
-        x = exp2f(x - base);
+        x = ksa::ex2(fmaf(x, sl2, -base));
         sum += x;
       }
     }
@@ -290,26 +359,12 @@ for (int j = 0; j < n_blocks; ++j) {
 
   ksa::cp_async_wait<1>();  // V(j) landed
   __syncthreads();
-  #pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    const unsigned pf[4] = {ksa::pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                            ksa::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                            ksa::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                            ksa::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-    #pragma unroll
-    for (int db = 0; db < D / 16; ++db) {
-      unsigned vf[4];
-      const int i = lane >> 3;
-      ksa::ldsm_x4_trans(vf, sV + ksa::swz<D>(kk * 16 + (i & 1) * 8 + (lane & 7), db * 16 + (i >> 1) * 8));
-      ksa::mma<T>(o[2 * db], pf, vf[0], vf[1]);
-      ksa::mma<T>(o[2 * db + 1], pf, vf[2], vf[3]);
-    }
-  }
+  ksa::mma_ab<T, D, BK>(o, s, sV, lane);
   __syncthreads();  // every warp is done with sV
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;
     block(j + 1, kn, vn, r0n, endn, fn);
-    load_tile(sV, vn, r0n, endn);
+    ksa::load_rows<T, D, BK, NT>(sV, vn, r0n, endn, tid);
   }
   ksa::cp_async_commit();
 }
@@ -328,5 +383,5 @@ for (int rr = 0; rr < 2; ++rr) {
     op[i * 8] = T(o[i][rr * 2] * inv);
     op[i * 8 + 1] = T(o[i][rr * 2 + 1] * inv);
   }
-  if ((lane & 3) == 0) lse_text[qbase + row] = (m_row[rr] + log2f(l)) * LN2;
+  if ((lane & 3) == 0) lse_text[qbase + row] = (m_row[rr] * sl2 + log2f(l)) * LN2;
 }

@@ -1,8 +1,8 @@
 // Backward of the KSA prefill attention (cuda/prefill.cu) for
 // mx.fast.cuda_kernel. Everything above the "kernel body" marker is the
 // header, everything below it the body MLX wraps in a __global__ function.
-// The header follows cuda/prefill.cu's, whose ksa:: helpers (mma, ldmatrix,
-// cp.async, swizzle, band_start, summary_prefix) it uses.
+// The header follows cuda/prefill.cu's, whose ksa:: helpers (load_rows,
+// mma_abt, mma_ab, band_start, summary_prefix) it uses.
 //
 // Inputs: the forward's q_text, q_sum, k_text, v_text, k_sum, v_sum; do_text,
 // do_sum (cotangents of o_text, o_sum); lse_text, lse_sum (the forward's,
@@ -103,59 +103,6 @@ __device__ __forceinline__ Tile tile_of(int x, int rows_per_tile, const Bwd& p) 
   return Tile{false, true, (x - p.tiles[2]) * rows_per_tile};
 }
 
-// Async copy of ROWS rows [r0, r0 + ROWS) of src into a swizzled [ROWS][D]
-// tile (rows >= end zero filled); NT threads.
-template <typename T, int D, int ROWS, int NT>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int end, int tid) {
-  constexpr int CH = D / 8;  // 16-byte chunks per row
-  for (int i = tid; i < ROWS * CH; i += NT) {
-    const int r = i / CH, cc = i % CH;
-    const bool ok = r0 + r < end;
-    cp_async16(dst + swz<D>(r, cc * 8), src + (ok ? size_t(r0 + r) * D + cc * 8 : 0), ok);
-  }
-}
-
-// c (16 x N, this warp's rows) += a[16 rows of the warp] * bt[N rows]^T; the
-// forward's Q K^T.
-template <typename T, int D, int N>
-__device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const T* a, const T* bt, int warp,
-                                        int lane) {
-  #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    unsigned af[4];
-    ldsm_x4(af, a + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-    #pragma unroll
-    for (int nb = 0; nb < N / 16; ++nb) {
-      unsigned bf[4];
-      const int i = lane >> 3;
-      ldsm_x4(bf, bt + swz<D>(nb * 16 + (i >> 1) * 8 + (lane & 7), kk * 16 + (i & 1) * 8));
-      mma<T>(c[2 * nb], af, bf[0], bf[1]);
-      mma<T>(c[2 * nb + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
-// c (16 x D) += x (16 x N, accumulator layout, rounded to T) * b[N rows]; the
-// forward's P V.
-template <typename T, int D, int N>
-__device__ __forceinline__ void mma_ab(float (&c)[D / 8][4], const float (&x)[N / 8][4], const T* b,
-                                       int lane) {
-  #pragma unroll
-  for (int kk = 0; kk < N / 16; ++kk) {
-    const unsigned xf[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
-                            pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                            pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-    #pragma unroll
-    for (int db = 0; db < D / 16; ++db) {
-      unsigned bf[4];
-      const int i = lane >> 3;
-      ldsm_x4_trans(bf, b + swz<D>(kk * 16 + (i & 1) * 8 + (lane & 7), db * 16 + (i >> 1) * 8));
-      mma<T>(c[2 * db], xf, bf[0], bf[1]);
-      mma<T>(c[2 * db + 1], xf, bf[2], bf[3]);
-    }
-  }
-}
-
 }  // namespace ksa
 
 // ==== kernel body ====
@@ -179,10 +126,10 @@ const size_t rhead = (size_t(b) * (kv ? Hkv : p.H) + h) * rows;  // array row 0 
 const T* A0 = kv ? (rsum ? k_sum : k_text) : (rsum ? q_sum : q_text);
 const T* A1 = kv ? (rsum ? v_sum : v_text) : (rsum ? do_sum : do_text);
 
-__shared__ __align__(128) T sA0[BR * D];
-__shared__ __align__(128) T sA1[BR * D];
-__shared__ __align__(128) T sB0[BS * D];  // partner keys (dQ) or queries (dK/dV)
-__shared__ __align__(128) T sB1[BS * D];  // partner values (dQ) or dO (dK/dV)
+__shared__ KSA_TILE T sA0[BR * D];
+__shared__ KSA_TILE T sA1[BR * D];
+__shared__ KSA_TILE T sB0[BS * D];  // partner keys (dQ) or queries (dK/dV)
+__shared__ KSA_TILE T sB1[BS * D];  // partner values (dQ) or dO (dK/dV)
 ksa::load_rows<T, D, BR, NT>(sA0, A0 + rhead * D, tile.first, rows, tid);
 ksa::load_rows<T, D, BR, NT>(sA1, A1 + rhead * D, tile.first, rows, tid);
 ksa::cp_async_commit();

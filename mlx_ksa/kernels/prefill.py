@@ -111,7 +111,9 @@ def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, wi
     """
     back_end = backend()
     arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
-    if not supported(*arrays, back_end=back_end):
+    # The CUDA kernel takes running maxima of unscaled scores, so the scale
+    # must be positive (it always is: D ** -0.5 unless a caller overrides it).
+    if not supported(*arrays, back_end=back_end) or not scale > 0:
         return None
     k, n = layout.chunk, q_text.shape[2]
     if text_base % k or text_base > visibility.band_start(t0, k, window):
