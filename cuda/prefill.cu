@@ -82,12 +82,17 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   }
 }
 
-// Shared tiles are [rows][D] with the 16-byte column chunks XOR-swizzled by
-// row, so the 8 rows one ldmatrix phase reads fall in distinct banks.
-template <int D>
+// Shared tiles hold ROWS rows as D/64 blocks of 64 columns, each [ROWS][64]
+// with 128-byte rows whose 16-byte chunks are XOR-swizzled by row & 7. That
+// is wgmma's 128-byte swizzle (8-row atoms of 1024 bytes), and the 8 rows one
+// ldmatrix phase reads fall in distinct banks. 16-bit T only.
+template <int ROWS>
 __device__ __forceinline__ int swz(int row, int col) {
-  return row * D + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+  return (col >> 6) * ROWS * 64 + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
+// Whole swizzle atoms: the swizzle is a function of the address bits, and
+// wgmma descriptors here carry no base offset.
+#define KSA_TILE __align__(1024)
 
 // 2^x in one instruction (MUFU.EX2). exp2f adds a denormal fix-up around it
 // (four instructions), and probabilities below 2^-126 are 0 to bfloat16 anyway.
@@ -97,56 +102,67 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// Tiles must be aligned to their row size (at most 256 bytes), so that the
-// row offsets leave bits 4-7 of a shared address free for the swizzled chunk.
-#define KSA_TILE __align__(256)
-
-// Async copy of ROWS rows [r0, r0 + ROWS) of src into a swizzled [ROWS][D]
-// tile (rows >= end zero filled); NT threads. Each thread copies one column
-// chunk of every RP-th row: RP is a multiple of 8, so every row it copies
-// has the same swizzle and the addresses are a base plus constants.
+// Async copy of ROWS rows [r0, r0 + ROWS) of src into a swizzled tile (rows
+// >= end zero filled); NT threads. Each thread copies one column chunk of
+// every RP-th row: RP is a multiple of 8, so every row it copies has the same
+// swizzle and the addresses are a base plus constants.
 template <typename T, int D, int ROWS, int NT>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int end, int tid) {
   constexpr int CH = D / 8, RP = NT / CH;  // 16-byte chunks per row, rows per pass
   static_assert(RP % 8 == 0 && ROWS % RP == 0, "one swizzle per thread");
   const int r = tid / CH, cc = tid % CH;
-  T* d = dst + swz<D>(r, cc * 8);
+  T* d = dst + swz<ROWS>(r, cc * 8);
   const T* s = src + size_t(r0 + r) * D + cc * 8;
   #pragma unroll
   for (int i = 0; i < ROWS / RP; ++i) {
     const bool ok = r0 + r + i * RP < end;
-    cp_async16(d + i * RP * D, ok ? s + size_t(i) * RP * D : src, ok);
+    cp_async16(d + i * RP * 64, ok ? s + size_t(i) * RP * D : src, ok);
   }
 }
 
-// ldmatrix addresses. Columns [16kk, 16kk + 16) are chunks 2kk and 2kk + 1,
-// stored at chunk (2kk + c) ^ (row & 7) = 2kk ^ (c ^ (row & 7)): a per-thread
-// base (chunk c ^ (row & 7)) XOR kk << 5 (in bytes), plus the row offset.
-template <typename T, int D>
+// ldmatrix addresses. Columns [16kk, 16kk + 16) are chunks 2kk' and 2kk' + 1
+// (kk' = kk % 4) of column block kk / 4, stored at chunk (2kk' + c) ^ (row & 7)
+// = 2kk' ^ (c ^ (row & 7)): a per-thread base (chunk c ^ (row & 7)) XOR
+// kk' << 5 (in bytes), plus the block and row offsets.
+template <typename T>
 __device__ __forceinline__ unsigned ldsm_base(const T* tile, int row, int c) {
-  return smem_addr(tile) + unsigned(row * D * sizeof(T)) + unsigned(((c ^ (row & 7)) << 4));
+  return smem_addr(tile) + unsigned(row * 128 + ((c ^ (row & 7)) << 4));
+}
+template <int ROWS>
+__device__ __forceinline__ unsigned ldsm_col(unsigned base, int kk) {
+  return (base ^ ((kk & 3) << 5)) + (kk >> 2) * ROWS * 128;
 }
 
 // c (16 x N, this warp's rows) += a[16 rows of the warp] * bt[N rows]^T, as
-// Q K^T.
-template <typename T, int D, int N>
+// Q K^T; a has M rows.
+template <typename T, int D, int M, int N>
 __device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const T* a, const T* bt, int warp,
                                         int lane) {
   const int i = lane >> 3;
-  const unsigned a0 = ldsm_base<T, D>(a, warp * 16 + (lane & 15), lane >> 4);
-  const unsigned b0 = ldsm_base<T, D>(bt, (i >> 1) * 8 + (lane & 7), i & 1);
+  const unsigned a0 = ldsm_base(a, warp * 16 + (lane & 15), lane >> 4);
+  const unsigned b0 = ldsm_base(bt, (i >> 1) * 8 + (lane & 7), i & 1);
   #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     unsigned af[4];
-    ldsm_x4(af, a0 ^ (kk << 5));
+    ldsm_x4(af, ldsm_col<M>(a0, kk));
     #pragma unroll
     for (int nb = 0; nb < N / 16; ++nb) {
       unsigned bf[4];
-      ldsm_x4(bf, (b0 ^ (kk << 5)) + nb * 16 * D * sizeof(T));
+      ldsm_x4(bf, ldsm_col<N>(b0, kk) + nb * 16 * 128);
       mma<T>(c[2 * nb], af, bf[0], bf[1]);
       mma<T>(c[2 * nb + 1], af, bf[2], bf[3]);
     }
   }
+}
+
+// The mma A fragment of columns [16kk, 16kk + 16) of x (16 x N, accumulator
+// layout), rounded to T.
+template <typename T, int N>
+__device__ __forceinline__ void a_fragment(unsigned (&f)[4], const float (&x)[N / 8][4], int kk) {
+  f[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+  f[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+  f[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+  f[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
 // c (16 x D) += x (16 x N, accumulator layout, rounded to T) * b[N rows], as
@@ -155,20 +171,159 @@ template <typename T, int D, int N>
 __device__ __forceinline__ void mma_ab(float (&c)[D / 8][4], const float (&x)[N / 8][4], const T* b,
                                        int lane) {
   const int i = lane >> 3;
-  const unsigned b0 = ldsm_base<T, D>(b, (i & 1) * 8 + (lane & 7), i >> 1);
+  const unsigned b0 = ldsm_base(b, (i & 1) * 8 + (lane & 7), i >> 1);
   #pragma unroll
   for (int kk = 0; kk < N / 16; ++kk) {
-    const unsigned xf[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
-                            pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                            pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+    unsigned xf[4];
+    a_fragment<T, N>(xf, x, kk);
     #pragma unroll
     for (int db = 0; db < D / 16; ++db) {
       unsigned bf[4];
-      ldsm_x4_trans(bf, (b0 ^ (db << 5)) + kk * 16 * D * sizeof(T));
+      ldsm_x4_trans(bf, ldsm_col<N>(b0, db) + kk * 16 * 128);
       mma<T>(c[2 * db], xf, bf[0], bf[1]);
       mma<T>(c[2 * db + 1], xf, bf[2], bf[3]);
     }
   }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Hopper (sm_90a): warpgroup MMA. One wgmma reads a shared operand once for
+// the 64 rows of 4 warps, where mma.sync has each warp re-read it through
+// ldmatrix -- the shared-memory traffic that bounds the mma.sync kernel.
+#define KSA_WGMMA 1
+
+// Descriptor of a swizzled tile region at addr: 8-row atoms sbo bytes apart
+// and, for an MN-major operand, 64-column blocks lbo bytes apart.
+__device__ __forceinline__ unsigned long long gmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+  return ((addr & 0x3FFFF) >> 4) | (unsigned long long)(lbo >> 4) << 16 |
+         (unsigned long long)(sbo >> 4) << 32 | 1ull << 62;  // 1: 128-byte swizzle
+}
+// Shared memory written by threads (cp.async) becomes visible to wgmma, which
+// reads it through the async proxy; then a barrier.
+__device__ __forceinline__ void async_proxy_fence() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Keeps the compiler from moving accesses of c across a wgmma's issue and wait.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&c)[N][4]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i)
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(c[i][e])::"memory");
+}
+
+// c (64 x 64) (+)= A B^T with A, B K-major in shared memory (descriptors);
+// accumulate 0 overwrites c.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss64(float (&c)[8][4], unsigned long long a, unsigned long long b,
+                                           int accumulate) {
+#define KSA_SS64(TY) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " \
+    {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, \
+    %32, %33, p, 1, 1, 0, 0;\n}\n" : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3]), \
+    "+f"(c[1][0]), "+f"(c[1][1]), "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), "+f"(c[2][1]), \
+    "+f"(c[2][2]), "+f"(c[2][3]), "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), "+f"(c[3][3]), \
+    "+f"(c[4][0]), "+f"(c[4][1]), "+f"(c[4][2]), "+f"(c[4][3]), "+f"(c[5][0]), "+f"(c[5][1]), \
+    "+f"(c[5][2]), "+f"(c[5][3]), "+f"(c[6][0]), "+f"(c[6][1]), "+f"(c[6][2]), "+f"(c[6][3]), \
+    "+f"(c[7][0]), "+f"(c[7][1]), "+f"(c[7][2]), "+f"(c[7][3]) : "l"(a), "l"(b), "r"(accumulate))
+  if constexpr (is_bf16<T>) KSA_SS64("bf16"); else KSA_SS64("f16");
+#undef KSA_SS64
+}
+
+// c (64 x N) += a B with a in registers (each warp's 16 rows, mma A fragments)
+// and B MN-major in shared memory (tnspB = 1).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&c)[N / 8][4], const unsigned (&a)[4], unsigned long long b) {
+#define KSA_RS64(TY) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " \
+    {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, \
+    {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), \
+    "+f"(c[0][3]), "+f"(c[1][0]), "+f"(c[1][1]), "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), \
+    "+f"(c[2][1]), "+f"(c[2][2]), "+f"(c[2][3]), "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), \
+    "+f"(c[3][3]), "+f"(c[4][0]), "+f"(c[4][1]), "+f"(c[4][2]), "+f"(c[4][3]), "+f"(c[5][0]), \
+    "+f"(c[5][1]), "+f"(c[5][2]), "+f"(c[5][3]), "+f"(c[6][0]), "+f"(c[6][1]), "+f"(c[6][2]), \
+    "+f"(c[6][3]), "+f"(c[7][0]), "+f"(c[7][1]), "+f"(c[7][2]), "+f"(c[7][3]) : "r"(a[0]), \
+    "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+#define KSA_RS128(TY) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " \
+    {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, \
+    {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n" : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), \
+    "+f"(c[0][3]), "+f"(c[1][0]), "+f"(c[1][1]), "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), \
+    "+f"(c[2][1]), "+f"(c[2][2]), "+f"(c[2][3]), "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), \
+    "+f"(c[3][3]), "+f"(c[4][0]), "+f"(c[4][1]), "+f"(c[4][2]), "+f"(c[4][3]), "+f"(c[5][0]), \
+    "+f"(c[5][1]), "+f"(c[5][2]), "+f"(c[5][3]), "+f"(c[6][0]), "+f"(c[6][1]), "+f"(c[6][2]), \
+    "+f"(c[6][3]), "+f"(c[7][0]), "+f"(c[7][1]), "+f"(c[7][2]), "+f"(c[7][3]), "+f"(c[8][0]), \
+    "+f"(c[8][1]), "+f"(c[8][2]), "+f"(c[8][3]), "+f"(c[9][0]), "+f"(c[9][1]), "+f"(c[9][2]), \
+    "+f"(c[9][3]), "+f"(c[10][0]), "+f"(c[10][1]), "+f"(c[10][2]), "+f"(c[10][3]), "+f"(c[11][0]), \
+    "+f"(c[11][1]), "+f"(c[11][2]), "+f"(c[11][3]), "+f"(c[12][0]), "+f"(c[12][1]), "+f"(c[12][2]), \
+    "+f"(c[12][3]), "+f"(c[13][0]), "+f"(c[13][1]), "+f"(c[13][2]), "+f"(c[13][3]), "+f"(c[14][0]), \
+    "+f"(c[14][1]), "+f"(c[14][2]), "+f"(c[14][3]), "+f"(c[15][0]), "+f"(c[15][1]), "+f"(c[15][2]), \
+    "+f"(c[15][3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+  if constexpr (N == 64) {
+    if constexpr (is_bf16<T>) KSA_RS64("bf16"); else KSA_RS64("f16");
+  } else {
+    if constexpr (is_bf16<T>) KSA_RS128("bf16"); else KSA_RS128("f16");
+  }
+#undef KSA_RS64
+#undef KSA_RS128
+}
+#endif
+
+// The tile's scores s (64 x N) = Q K^T, Q of 64 rows and K of N rows in
+// shared memory: one warpgroup MMA on Hopper, else each warp its 16 rows.
+template <typename T, int D, int N>
+__device__ __forceinline__ void scores(float (&s)[N / 8][4], const T* q, const T* k, int warp, int lane) {
+#ifdef KSA_WGMMA
+  static_assert(N == 64, "wgmma_ss64");
+  const unsigned qa = smem_addr(q), ka = smem_addr(k);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const unsigned col = (kk & 3) * 32;  // 16 columns of 2 bytes into the 128-byte rows
+    wgmma_ss64<T>(s, gmma_desc(qa + (kk >> 2) * 64 * 128 + col, 16, 1024),
+                  gmma_desc(ka + (kk >> 2) * N * 128 + col, 16, 1024), kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait();
+  fence_operands(s);
+#else
+  #pragma unroll
+  for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+  mma_abt<T, D, 64, N>(s, q, k, warp, lane);
+#endif
+}
+
+// o (64 x D) += P V, P = p (64 x N, accumulator layout) rounded to T and V of
+// N rows in shared memory.
+template <typename T, int D, int N>
+__device__ __forceinline__ void accumulate(float (&o)[D / 8][4], const float (&p)[N / 8][4], const T* v,
+                                           int lane) {
+#ifdef KSA_WGMMA
+  const unsigned va = smem_addr(v);
+  fence_operands(o);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    unsigned pf[4];
+    a_fragment<T, N>(pf, p, kk);
+    wgmma_rs<T, D>(o, pf, gmma_desc(va + kk * 16 * 128, N * 128, 1024));
+  }
+  wgmma_commit();
+  wgmma_wait();
+  fence_operands(o);
+#else
+  mma_ab<T, D, N>(o, p, v, lane);
+#endif
+}
+
+// Before the barrier that publishes cp.async data to the tile's readers.
+__device__ __forceinline__ void publish_fence() {
+#ifdef KSA_WGMMA
+  async_proxy_fence();
+#endif
 }
 
 // visibility.band_start / summary_prefix.
@@ -303,11 +458,10 @@ for (int j = 0; j < n_blocks; ++j) {
   const bool is_sum = j < n_sb;
 
   ksa::cp_async_wait<1>();  // K(j) landed (V(j) may still be in flight)
+  ksa::publish_fence();
   __syncthreads();
   float s[BK / 8][4];
-  #pragma unroll
-  for (int i = 0; i < BK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  ksa::mma_abt<T, D, BK>(s, sQ, sK, warp, lane);
+  ksa::scores<T, D, BK>(s, sQ, sK, warp, lane);
   __syncthreads();  // every warp is done with sK: prefetch the next K block
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;
@@ -358,8 +512,9 @@ for (int j = 0; j < n_blocks; ++j) {
   }
 
   ksa::cp_async_wait<1>();  // V(j) landed
+  ksa::publish_fence();
   __syncthreads();
-  ksa::mma_ab<T, D, BK>(o, s, sV, lane);
+  ksa::accumulate<T, D, BK>(o, s, sV, lane);
   __syncthreads();  // every warp is done with sV
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;

@@ -180,8 +180,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       for (int i = 0; i < BS / 8; ++i)
         #pragma unroll
         for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      ksa::mma_abt<T, D, BS>(s, sA0, sB0, warp, lane);   // scores (transposed for dK/dV)
-      ksa::mma_abt<T, D, BS>(dp, sA1, sB1, warp, lane);  // dP (transposed for dK/dV)
+      ksa::mma_abt<T, D, BR, BS>(s, sA0, sB0, warp, lane);   // scores (transposed for dK/dV)
+      ksa::mma_abt<T, D, BR, BS>(dp, sA1, sB1, warp, lane);  // dP (transposed for dK/dV)
 
       // s -> P, dp -> dS; pairs outside the row's range (which ends by the
       // block's last valid partner s1) get 0. lse and Delta belong to the
