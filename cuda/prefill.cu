@@ -94,6 +94,31 @@ __device__ __forceinline__ int swz(int row, int col) {
 // wgmma descriptors here carry no base offset.
 #define KSA_TILE __align__(1024)
 
+// E consecutive values at p (16-byte aligned, E a multiple of 8) as floats.
+template <typename T, int E>
+__device__ __forceinline__ void load_lane(float (&f)[E], const T* p) {
+  static_assert(E % 8 == 0, "16-byte loads");
+  T x[E];
+  #pragma unroll
+  for (int i = 0; i < E / 8; ++i) reinterpret_cast<uint4*>(x)[i] = reinterpret_cast<const uint4*>(p)[i];
+  #pragma unroll
+  for (int e = 0; e < E; ++e) f[e] = float(x[e]);
+}
+
+// op over this thread's entries of row rr (r or r + 8) of x (16 x 8N,
+// accumulator layout), as a tree: depth log2(2N), not a chain of 2N.
+template <int N, typename Op>
+__device__ __forceinline__ float reduce(const float (&x)[N][4], int rr, Op op) {
+  float v[N];
+  #pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = op(x[i][rr * 2], x[i][rr * 2 + 1]);
+  #pragma unroll
+  for (int w = N / 2; w; w /= 2)
+    #pragma unroll
+    for (int i = 0; i < w; ++i) v[i] = op(v[i], v[i + w]);
+  return v[0];
+}
+
 // 2^x in one instruction (MUFU.EX2). exp2f adds a denormal fix-up around it
 // (four instructions), and probabilities below 2^-126 are 0 to bfloat16 anyway.
 __device__ __forceinline__ float ex2(float x) {
@@ -113,6 +138,11 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int end,
   const int r = tid / CH, cc = tid % CH;
   T* d = dst + swz<ROWS>(r, cc * 8);
   const T* s = src + size_t(r0 + r) * D + cc * 8;
+  if (r0 + ROWS <= end) {  // the common case: one address pair plus immediates
+    #pragma unroll
+    for (int i = 0; i < ROWS / RP; ++i) cp_async16(d + i * RP * 64, s + i * RP * D, true);
+    return;
+  }
   #pragma unroll
   for (int i = 0; i < ROWS / RP; ++i) {
     const bool ok = r0 + r + i * RP < end;
@@ -192,11 +222,16 @@ __device__ __forceinline__ void mma_ab(float (&c)[D / 8][4], const float (&x)[N 
 // ldmatrix -- the shared-memory traffic that bounds the mma.sync kernel.
 #define KSA_WGMMA 1
 
-// Descriptor of a swizzled tile region at addr: 8-row atoms sbo bytes apart
-// and, for an MN-major operand, 64-column blocks lbo bytes apart.
-__device__ __forceinline__ unsigned long long gmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
-  return ((addr & 0x3FFFF) >> 4) | (unsigned long long)(lbo >> 4) << 16 |
-         (unsigned long long)(sbo >> 4) << 32 | 1ull << 62;  // 1: 128-byte swizzle
+// Descriptor of a swizzled tile region: low word = start address >> 4 and,
+// for an MN-major operand, the byte offset of its 64-column blocks (lbo) >> 4;
+// high word = 8-row atoms 1024 bytes apart, 128-byte swizzle. Offsets into
+// a tile add to the low word (addresses stay below 2^18).
+__device__ __forceinline__ unsigned gmma_lo(unsigned addr, unsigned lbo) {
+  return ((addr & 0x3FFFF) >> 4) | (lbo >> 4) << 16;
+}
+__device__ __forceinline__ unsigned long long gmma_desc(unsigned lo) {
+  constexpr unsigned long long hi = (1024 >> 4) | 1u << 30;
+  return hi << 32 | lo;
 }
 // Shared memory written by threads (cp.async) becomes visible to wgmma, which
 // reads it through the async proxy; then a barrier.
@@ -272,19 +307,36 @@ __device__ __forceinline__ void wgmma_rs(float (&c)[N / 8][4], const unsigned (&
 }
 #endif
 
+// A text tile's shared operands as its products read them: on Hopper the
+// descriptors' low words, computed once (per wgmma they cost 9 instructions).
+template <typename T, int N>
+struct Operands {
+  const T *q, *k, *v;
+#ifdef KSA_WGMMA
+  unsigned q_lo, k_lo, v_lo;
+#endif
+  __device__ Operands(const T* q_, const T* k_, const T* v_) : q(q_), k(k_), v(v_) {
+#ifdef KSA_WGMMA
+    q_lo = gmma_lo(smem_addr(q), 16);  // K-major: lbo unused
+    k_lo = gmma_lo(smem_addr(k), 16);
+    v_lo = gmma_lo(smem_addr(v), N * 128);
+#endif
+  }
+};
+
 // The tile's scores s (64 x N) = Q K^T, Q of 64 rows and K of N rows in
 // shared memory: one warpgroup MMA on Hopper, else each warp its 16 rows.
 template <typename T, int D, int N>
-__device__ __forceinline__ void scores(float (&s)[N / 8][4], const T* q, const T* k, int warp, int lane) {
+__device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, N>& t, int warp, int lane) {
 #ifdef KSA_WGMMA
   static_assert(N == 64, "wgmma_ss64");
-  const unsigned qa = smem_addr(q), ka = smem_addr(k);
   wgmma_fence();
   #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const unsigned col = (kk & 3) * 32;  // 16 columns of 2 bytes into the 128-byte rows
-    wgmma_ss64<T>(s, gmma_desc(qa + (kk >> 2) * 64 * 128 + col, 16, 1024),
-                  gmma_desc(ka + (kk >> 2) * N * 128 + col, 16, 1024), kk > 0);
+    // Columns 16kk.. are 32 bytes per kk into the 128-byte rows of block kk / 4.
+    const unsigned col = (kk & 3) * 2;
+    wgmma_ss64<T>(s, gmma_desc(t.q_lo + (kk >> 2) * 64 * 8 + col),
+                  gmma_desc(t.k_lo + (kk >> 2) * N * 8 + col), kk > 0);
   }
   wgmma_commit();
   wgmma_wait();
@@ -292,30 +344,29 @@ __device__ __forceinline__ void scores(float (&s)[N / 8][4], const T* q, const T
 #else
   #pragma unroll
   for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  mma_abt<T, D, 64, N>(s, q, k, warp, lane);
+  mma_abt<T, D, 64, N>(s, t.q, t.k, warp, lane);
 #endif
 }
 
 // o (64 x D) += P V, P = p (64 x N, accumulator layout) rounded to T and V of
 // N rows in shared memory.
 template <typename T, int D, int N>
-__device__ __forceinline__ void accumulate(float (&o)[D / 8][4], const float (&p)[N / 8][4], const T* v,
-                                           int lane) {
+__device__ __forceinline__ void accumulate(float (&o)[D / 8][4], const float (&p)[N / 8][4],
+                                           const Operands<T, N>& t, int lane) {
 #ifdef KSA_WGMMA
-  const unsigned va = smem_addr(v);
   fence_operands(o);
   wgmma_fence();
   #pragma unroll
   for (int kk = 0; kk < N / 16; ++kk) {
     unsigned pf[4];
     a_fragment<T, N>(pf, p, kk);
-    wgmma_rs<T, D>(o, pf, gmma_desc(va + kk * 16 * 128, N * 128, 1024));
+    wgmma_rs<T, D>(o, pf, gmma_desc(t.v_lo + kk * 16 * 8));  // 16 rows of 128 bytes
   }
   wgmma_commit();
   wgmma_wait();
   fence_operands(o);
 #else
-  mma_ab<T, D, N>(o, p, v, lane);
+  mma_ab<T, D, N>(o, p, t.v, lane);
 #endif
 }
 
@@ -342,6 +393,7 @@ constexpr int BK = 64;  // keys per block
 constexpr int NT = 128;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
+constexpr float RESCALE = 8.f;  // log2 of the largest unnormalised probability
 
 const int n = params[0], n_sq = params[1], t0 = params[2], text_base = params[3];
 const int window = params[4], Lt = params[5], Ls = params[6], text_tiles = params[7];
@@ -357,43 +409,55 @@ const T* ks = k_sum + kv_head * Ls * D;
 const T* vs = v_sum + kv_head * Ls * D;
 
 if (int(blockIdx.x) >= text_tiles) {
-  // ---- summary queries: one warp per query, lanes split D ----
-  constexpr int E = D / 32;
+  // ---- summary queries: 8 lanes per query (E = D / 8 values each), so a
+  // warp runs 4 queries at once; 4 rounds of 4 warps x 4 make the 64 ----
+  constexpr int QL = 8, E = D / QL;
   const int c0 = t0 / chunk;
-  for (int i = 0; i < BQ / 4; ++i) {
-    const int r = (blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i;
-    if (r >= n_sq) break;
-    const int c = c0 + r / S, j = r % S;
-    // k_sum may start after summary 0 (see attention.summary_base).
-    const int sum_base = (t0 / chunk) * S + n_sq - Ls;
-    const size_t qrow = (size_t(b) * H + h) * n_sq + r;
+  const int sum_base = c0 * S + n_sq - Ls;  // k_sum may start after summary 0 (attention.summary_base)
+  const int g = lane / QL, gl = lane % QL;
+  for (int i = 0; i < BQ / 16; ++i) {
+    const int r = (blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i * 4 + g;
+    if ((blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i * 4 >= n_sq) break;  // warp-uniform
+    // A group past the end still runs (the shuffles need every lane), on the
+    // last query, and stores nothing.
+    const int rq = min(r, n_sq - 1);
+    const int c = c0 + rq / S, j = rq % S;
+    const size_t qrow = (size_t(b) * H + h) * n_sq + rq;
     float q[E], acc[E];
+    ksa::load_lane<T, E>(q, q_sum + qrow * D + gl * E);
     #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      q[e] = float(q_sum[qrow * D + lane * E + e]) * sl2;
-      acc[e] = 0.f;
-    }
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
     float m = ksa::NEG_INF, l = 0.f;
-    // Keys: summaries c*S .. c*S+j, then texts c*k .. c*k+k-1.
-    for (int key = 0; key <= j + chunk; ++key) {
-      const bool is_sum = key <= j;
-      const size_t row = is_sum ? size_t(c) * S + key - sum_base : size_t(c) * chunk + (key - j - 1) - text_base;
-      const T* kp = (is_sum ? ks : kt) + row * D + lane * E;
-      const T* vp = (is_sum ? vs : vt) + row * D + lane * E;
-      float s = 0.f;
+    // Keys: summaries c*S .. c*S+j, then texts c*k .. c*k+k-1; the trip count
+    // S + k is the same for every group (key past j + k: skipped).
+    #pragma unroll 3
+    for (int key = 0; key < S + chunk; ++key) {
+      const bool valid = key <= j + chunk, is_sum = key <= j;
+      const int kt_i = min(key - j - 1, chunk - 1);
+      const size_t row = is_sum ? size_t(c) * S + key - sum_base : size_t(c) * chunk + kt_i - text_base;
+      float kr[E], vr[E];
+      ksa::load_lane<T, E>(kr, (is_sum ? ks : kt) + row * D + gl * E);
+      ksa::load_lane<T, E>(vr, (is_sum ? vs : vt) + row * D + gl * E);
+      float x = 0.f;
       #pragma unroll
-      for (int e = 0; e < E; ++e) s += q[e] * float(kp[e]);
+      for (int e = 0; e < E; ++e) x = fmaf(q[e], kr[e], x);
       #pragma unroll
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      const float mn = fmaxf(m, s), alpha = exp2f(m - mn), p = exp2f(s - mn);
+      for (int o = QL / 2; o; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      x = valid ? x * sl2 : ksa::NEG_INF;
+      const float mn = fmaxf(m, x), base = mn == ksa::NEG_INF ? 0.f : mn;
+      const float alpha = ksa::ex2(m - base), p = ksa::ex2(x - base);
       l = l * alpha + p;
       #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * float(vp[e]);
+      for (int e = 0; e < E; ++e) acc[e] = fmaf(acc[e], alpha, p * vr[e]);
       m = mn;
     }
-    #pragma unroll
-    for (int e = 0; e < E; ++e) o_sum[qrow * D + lane * E + e] = T(acc[e] / l);
-    if (lane == 0) lse_sum[qrow] = (m + log2f(l)) * LN2;
+    if (r < n_sq) {
+      const float inv = 1.f / l;
+      unsigned* op = reinterpret_cast<unsigned*>(o_sum + qrow * D + gl * E);
+      #pragma unroll
+      for (int e = 0; e < E / 2; ++e) op[e] = ksa::pack2<T>(acc[2 * e] * inv, acc[2 * e + 1] * inv);
+      if (gl == 0) lse_sum[qrow] = (m + log2f(l)) * LN2;
+    }
   }
   return;
 }
@@ -451,6 +515,7 @@ for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 // Running maxima of the raw scores (the scale is positive, so it commutes
 // with max and folds into the exponent's fma).
 float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
+const ksa::Operands<T, BK> tile(sQ, sK, sV);
 
 for (int j = 0; j < n_blocks; ++j) {
   const T *kp, *vp; int row0, end, first;
@@ -461,7 +526,7 @@ for (int j = 0; j < n_blocks; ++j) {
   ksa::publish_fence();
   __syncthreads();
   float s[BK / 8][4];
-  ksa::scores<T, D, BK>(s, sQ, sK, warp, lane);
+  ksa::scores<T, D, BK>(s, tile, warp, lane);
   __syncthreads();  // every warp is done with sK: prefetch the next K block
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;
@@ -471,6 +536,8 @@ for (int j = 0; j < n_blocks; ++j) {
   ksa::cp_async_commit();  // possibly empty: keeps the group count uniform
 
   const bool full = is_sum ? first + BK <= sum_full : first >= band_full && first + BK - 1 <= t_first;
+  bool raise[2];
+  float alpha[2];
   #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     if (!full) {
@@ -484,37 +551,41 @@ for (int j = 0; j < n_blocks; ++j) {
           if (unsigned(k0 + nb * 8 + e) >= unsigned(khi - klo)) s[nb][rr * 2 + e] = ksa::NEG_INF;
       }
     }
-    float mx = ksa::NEG_INF;
-    #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][rr * 2], s[nb][rr * 2 + 1]));
+    float mx = ksa::reduce<BK / 8>(s, rr, fmaxf);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float mn = fmaxf(m_row[rr], mx);
+    // The exponent's reference max moves only when a score beats it by more
+    // than RESCALE in the log2 domain (FlashAttention-4's lazy rescaling):
+    // probabilities up to 2^RESCALE are exact in float32 and as P operands,
+    // and most blocks then leave o alone. The first finite score always moves
+    // it (mx - -inf = inf); a block with nothing visible never does.
+    raise[rr] = (mx - m_row[rr]) * sl2 > RESCALE;
+    const float mn = raise[rr] ? mx : m_row[rr];
     const float base = mn == ksa::NEG_INF ? 0.f : mn * sl2;  // a row with nothing visible yet
-    const float alpha = ksa::ex2(m_row[rr] * sl2 - base);
-    float sum = 0.f;
+    alpha[rr] = raise[rr] ? ksa::ex2(m_row[rr] * sl2 - base) : 1.f;
     #pragma unroll
     for (int nb = 0; nb < BK / 8; ++nb) {
-      #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nb][rr * 2 + e];
-        x = ksa::ex2(fmaf(x, sl2, -base));
-        sum += x;
-      }
+      s[nb][rr * 2] = ksa::ex2(fmaf(s[nb][rr * 2], sl2, -base));
+      s[nb][rr * 2 + 1] = ksa::ex2(fmaf(s[nb][rr * 2 + 1], sl2, -base));
     }
-    l_row[rr] = l_row[rr] * alpha + sum;  // per-thread partial; quad-reduced at the end
+    const float sum = ksa::reduce<BK / 8>(s, rr, [](float a, float b) { return a + b; });
+    l_row[rr] = l_row[rr] * alpha[rr] + sum;  // per-thread partial; quad-reduced at the end
     m_row[rr] = mn;
+  }
+  if (__any_sync(0xffffffffu, raise[0] || raise[1])) {
     #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
-      o[i][rr * 2] *= alpha;
-      o[i][rr * 2 + 1] *= alpha;
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
     }
   }
 
   ksa::cp_async_wait<1>();  // V(j) landed
   ksa::publish_fence();
   __syncthreads();
-  ksa::accumulate<T, D, BK>(o, s, sV, lane);
+  ksa::accumulate<T, D, BK>(o, s, tile, lane);
   __syncthreads();  // every warp is done with sV
   if (j + 1 < n_blocks) {
     const T *kn, *vn; int r0n, endn, fn;
@@ -532,11 +603,8 @@ for (int rr = 0; rr < 2; ++rr) {
   const int row = t_row[rr] - t0;
   if (row >= n) continue;
   const float inv = 1.f / l;
-  T* op = o_text + (qbase + row) * D + (lane & 3) * 2;
+  unsigned* op = reinterpret_cast<unsigned*>(o_text + (qbase + row) * D + (lane & 3) * 2);
   #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    op[i * 8] = T(o[i][rr * 2] * inv);
-    op[i * 8 + 1] = T(o[i][rr * 2 + 1] * inv);
-  }
+  for (int i = 0; i < D / 8; ++i) op[i * 4] = ksa::pack2<T>(o[i][rr * 2] * inv, o[i][rr * 2 + 1] * inv);
   if ((lane & 3) == 0) lse_text[qbase + row] = (m_row[rr] * sl2 + log2f(l)) * LN2;
 }

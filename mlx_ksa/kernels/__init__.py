@@ -50,3 +50,11 @@ def source(name):
     except (ModuleNotFoundError, FileNotFoundError):
         # A source checkout that was not pip-installed.
         return (_REPO / folder / file).read_text()
+
+
+def cuda_launch_bounds(threads, blocks):
+    """Header suffix giving the kernel MLX declares after it __launch_bounds__:
+    mx.fast.cuda_kernel has no option for them, and without them the compiler
+    spends registers freely and fewer blocks fit on an SM."""
+    return ("\n#undef __global__\n"
+            f"#define __global__ __location__(global) __launch_bounds__({threads}, {blocks})\n")
