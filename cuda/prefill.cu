@@ -8,13 +8,15 @@
 // Outputs: o_text, o_sum (like the queries), lse_text [B,H,n], lse_sum [B,H,mS].
 //
 // Grid: x = query tiles (the text tiles, heaviest first, then the summary
-// tiles), y = query head, z = batch; 128 threads (4 warps) per tile.
+// tiles), y = query head, z = batch; 128 threads (4 warps) per tile, 4 tiles
+// per SM (mlx_ksa/kernels/prefill.py caps registers at 128).
 // Text tile: 64 text queries of one head, flash attention over two key ranges
 // -- the visible summary prefix [0, summary_prefix(last query)) and the text
 // band [band_start(first query), last query] -- in blocks of 64 keys, with
-// tensor cores (mma.sync m16n8k16, float32 accumulators). Only blocks that
-// straddle a row's range boundary pay for the per-element mask.
-// Summary tile: 64 summary queries, one warp per query, over its chunk's
+// tensor cores and float32 accumulators: one warpgroup MMA (wgmma) per
+// product on Hopper (sm_90a), mma.sync m16n8k16 per warp elsewhere. Only
+// blocks that straddle a row's range boundary pay for the per-element mask.
+// Summary tile: 64 summary queries, 8 lanes per query, over its chunk's
 // summaries 0..j and k text keys (at most 2k keys: no tiling needed).
 // The index math is the one in mlx_ksa/visibility.py and metal/prefill.metal.
 
