@@ -52,6 +52,29 @@ def test_whole_context_text_goes_to_causal_sdpa():
     check(got + prefill.prefill_attention(*arrays, **opts, return_lse=True)[2:], arrays, opts)
 
 
+def test_rescaling_as_the_scores_grow_along_the_keys():
+    # Summary scores rise by about 5 (log2 units) per block of 64 keys, so a
+    # text row's max keeps growing: the kernel moves its reference max at
+    # some blocks (rescaling o) and runs on a stale one (probabilities up to
+    # 2^8) at others. Random inputs never leave the first block's max.
+    arrays, opts = make_case(1, 2, 1, 64, 8, 1, 2, 0, 4096, mx.bfloat16)
+    q_t, q_s, k_t, v_t, k_s, v_s = arrays
+    ramp = 0.00675 * mx.arange(k_s.shape[2], dtype=mx.float32)[:, None]
+    k_s = (ramp + 0.1 * k_s.astype(mx.float32)).astype(mx.bfloat16)
+    arrays = (mx.ones_like(q_t), q_s, k_t, v_t, k_s, v_s)
+    check(prefill.prefill_attention(*arrays, **opts, return_lse=True), arrays, opts)
+
+
+def test_a_scale_that_is_not_positive_goes_to_the_reference():
+    # The kernel's running maxima are of unscaled scores.
+    arrays, opts = make_case(1, 2, 1, 64, 4, 1, 1, 0, 64, mx.bfloat16)
+    opts["scale"] = -0.125
+    assert prefill.prefill_attention(*arrays, **opts) is None
+    got, want = ksa_attention(*arrays, **opts), reference_attention(*arrays, **opts)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)), atol=1e-6)
+
+
 def test_float32_falls_back_to_the_reference():
     arrays, opts = make_case(1, 2, 1, 64, 4, 1, 1, 0, 9, mx.float32)
     assert prefill.prefill_attention(*arrays, **opts) is None
