@@ -5,6 +5,8 @@ emulator compiles the exact source MLX generates. `make_case` and `lse_oracle`
 also serve tests/gpu/test_prefill_cuda.py.
 """
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -30,6 +32,20 @@ def make_case(B, H, Hkv, D, k, S, window, t0, n, dtype, seed=0):
               arr(B, Hkv, t0 + n - text_base, D), arr(B, Hkv, Ls, D), arr(B, Hkv, Ls, D))
     opts = dict(layout=layout, window=window, t0=t0, text_base=text_base, scale=D**-0.5)
     return arrays, opts
+
+
+def rising_case(case, rise):
+    """make_case with every text query all ones and the summary keys ramped so
+    that summary scores rise by `rise` (log2 units) per key: a text row's max
+    keeps growing along the keys, so a kernel moves its reference max (and
+    rescales its output) mid-loop, where random inputs settle after the
+    first key block."""
+    arrays, opts = make_case(*case)
+    q_t, q_s, k_t, v_t, k_s, v_s = arrays
+    step = rise * math.log(2) / (q_t.shape[-1] * opts["scale"])
+    ramp = step * mx.arange(k_s.shape[2], dtype=mx.float32)[:, None]
+    k_s = (ramp + 0.1 * k_s.astype(mx.float32)).astype(k_s.dtype)
+    return (mx.ones_like(q_t), q_s, k_t, v_t, k_s, v_s), opts
 
 
 def reference(arrays, opts):
@@ -108,6 +124,19 @@ def emulator():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_metal_kernel_matches_reference(emulator, case):
     arrays, opts = make_case(*case)
+    check(run_emulated(emulator, arrays, opts), arrays, opts)
+
+
+def test_metal_kernel_over_many_key_blocks(emulator):
+    # 25 tiles of 32 queries; up to 6 summary blocks and a 2-block band each.
+    arrays, opts = make_case(1, 2, 1, 64, 4, 1, 8, 0, 800, mx.bfloat16)
+    check(run_emulated(emulator, arrays, opts), arrays, opts)
+
+
+def test_metal_kernel_rescales_as_scores_grow(emulator):
+    # About 5 (log2) more per block of 32 keys (BK at D = 64): the reference
+    # max moves at every other block, the output is rescaled mid-loop.
+    arrays, opts = rising_case((1, 2, 1, 64, 4, 1, 2, 0, 800, mx.float16), rise=5 / 32)
     check(run_emulated(emulator, arrays, opts), arrays, opts)
 
 

@@ -23,7 +23,7 @@ INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "params", "sc
 OUTPUTS = ["o_text", "o_sum", "lse_text", "lse_sum"]
 # Queries (= rows of the grid's x axis) per tile and threads per tile.
 TILE = {"metal": 32, "cuda": 64}
-THREADS = {"metal": 32, "cuda": 128}
+THREADS = {"metal": 128, "cuda": 128}
 DTYPES = {"metal": (mx.float32, mx.float16, mx.bfloat16), "cuda": (mx.float16, mx.bfloat16)}
 HEAD_DIMS = (64, 128)
 

@@ -18,7 +18,7 @@ import pytest
 from mlx_ksa import visibility
 from mlx_ksa.attention import ksa_attention, reference_attention
 from mlx_ksa.kernels import prefill
-from tests.test_prefill_kernel import CASES, check, make_case
+from tests.test_prefill_kernel import CASES, check, make_case, rising_case
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA back end")
 
@@ -53,15 +53,9 @@ def test_whole_context_text_goes_to_causal_sdpa():
 
 
 def test_rescaling_as_the_scores_grow_along_the_keys():
-    # Summary scores rise by about 5 (log2 units) per block of 64 keys, so a
-    # text row's max keeps growing: the kernel moves its reference max at
-    # some blocks (rescaling o) and runs on a stale one (probabilities up to
-    # 2^8) at others. Random inputs never leave the first block's max.
-    arrays, opts = make_case(1, 2, 1, 64, 8, 1, 2, 0, 4096, mx.bfloat16)
-    q_t, q_s, k_t, v_t, k_s, v_s = arrays
-    ramp = 0.00675 * mx.arange(k_s.shape[2], dtype=mx.float32)[:, None]
-    k_s = (ramp + 0.1 * k_s.astype(mx.float32)).astype(mx.bfloat16)
-    arrays = (mx.ones_like(q_t), q_s, k_t, v_t, k_s, v_s)
+    # About 5 (log2) more per block of 64 keys: the reference max moves at
+    # every other block, the output is rescaled mid-loop.
+    arrays, opts = rising_case((1, 2, 1, 64, 8, 1, 2, 0, 4096, mx.bfloat16), rise=5 / 64)
     check(prefill.prefill_attention(*arrays, **opts, return_lse=True), arrays, opts)
 
 
