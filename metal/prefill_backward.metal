@@ -3,13 +3,15 @@
 // header, everything below it the body MLX wraps in a [[kernel]] function.
 //
 // Same inputs, outputs, grid, helpers and structure as cuda/prefill_backward.cu
-// (see there for the algorithm). Here a tile is 32 rows and 32 threads, one
-// row per thread; the partner rows stream through threadgroup memory in
-// blocks of BS rows. Only threadgroup barriers, reached by every thread of a
-// tile (rows past the end run the loop on the last row and store nothing).
+// (see there for the algorithm). Here a tile is 32 rows, 8 per simdgroup of
+// 4; the partner rows stream through threadgroup memory in blocks of BS rows
+// and every product is an 8x8 simdgroup matrix multiply in float32, as in the
+// forward. Only threadgroup barriers, reached by every thread of a tile (rows
+// past the end run the loop on the last row and store nothing).
 
 // The header follows metal/prefill.metal's, whose ksa_band_start and
-// ksa_summary_prefix (visibility.band_start / summary_prefix) it uses.
+// ksa_summary_prefix (visibility.band_start / summary_prefix) and fragment
+// helpers it uses.
 
 // The launch parameters (params input, see mlx_ksa/kernels/prefill_backward.py).
 struct KsaBwd {
@@ -82,8 +84,10 @@ inline KsaTile ksa_tile(int x, int rows_per_tile, KsaBwd p) {
 }
 
 // ==== kernel body ====
-constexpr int BR = 32;        // rows (and threads) per tile
+constexpr int BR = 32;        // rows per tile: 4 simdgroups x 8
+constexpr int NT = 128;
 constexpr int BS = 2048 / D;  // partner rows per block: 2 x BS x D elements of threadgroup memory
+constexpr int DF = D / 8, KF = BS / 8;  // 8x8 fragments along D and along a partner block
 constexpr float LOG2E = 1.4426950408889634f;
 
 const KsaBwd p = ksa_read_params(params);
@@ -91,22 +95,26 @@ const float sl2 = scale[0] * LOG2E;  // scores in the log2 domain
 const KsaTile tile = ksa_tile(int(threadgroup_position_in_grid.x), BR, p);
 const int h = int(threadgroup_position_in_grid.y), b = int(threadgroup_position_in_grid.z);
 const int lid = int(thread_position_in_threadgroup.x);
+const int sg = int(simdgroup_index_in_threadgroup), lane = int(thread_index_in_simdgroup);
 const int Hkv = p.H / p.G;
 const bool kv = tile.kv, rsum = tile.sum;
 if (kv && h >= Hkv) return;  // key tiles use the grid's first Hkv heads
 
-// This thread's row: queries (q, dO, lse, Delta of head h) or keys (k, v of kv head h).
-const int rows = ksa_rows(kv, rsum, p), row = min(tile.first + lid, rows - 1);
+// This lane's row (fm of its simdgroup's 8) and columns (fn, fn + 1):
+// queries (q, dO, lse, Delta of head h) or keys (k, v of kv head h).
+int fm, fn;
+ksa_frag_coord(lane, fm, fn);
+const int rows = ksa_rows(kv, rsum, p), lrow = tile.first + sg * 8 + fm, row = min(lrow, rows - 1);
 const int base = ksa_row0(kv, rsum, p);
 const int r0 = base + tile.first, r1 = base + min(tile.first + BR, rows) - 1, ri = base + row;
 const size_t roff = (size_t(b) * (kv ? Hkv : p.H) + h) * rows + row;
 const device T* A0 = kv ? (rsum ? k_sum : k_text) : (rsum ? q_sum : q_text);
 const device T* A1 = kv ? (rsum ? v_sum : v_text) : (rsum ? do_sum : do_text);
-float a0[D], a1[D], acc0[D], acc1[D];  // acc0: dQ or dK, acc1: dV
-for (int d = 0; d < D; ++d) {
-  a0[d] = float(A0[roff * D + d]);
-  a1[d] = float(A1[roff * D + d]);
-  acc0[d] = acc1[d] = 0.0f;
+simdgroup_float8x8 a0[DF], a1[DF], acc0[DF], acc1[DF];  // acc0: dQ or dK, acc1: dV
+for (int d = 0; d < DF; ++d) {
+  ksa_frag_set(a0[d], float(A0[roff * D + d * 8 + fn]), float(A0[roff * D + d * 8 + fn + 1]));
+  ksa_frag_set(a1[d], float(A1[roff * D + d * 8 + fn]), float(A1[roff * D + d * 8 + fn + 1]));
+  acc0[d] = acc1[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
 const float row_lse2 = kv ? 0.0f : (rsum ? lse_sum : lse_text)[roff] * LOG2E;
 const float row_delta = kv ? 0.0f : (rsum ? delta_sum : delta_text)[roff];
@@ -129,7 +137,7 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
     const device float* odelta = osum ? delta_sum : delta_text;
     for (int s0 = range.lo; s0 < range.hi; s0 += BS) {
       threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block is consumed
-      for (int i = lid; i < BS * D; i += BR) {
+      for (int i = lid; i < BS * D; i += NT) {
         const int s = s0 + i / D;
         const bool ok = s < range.hi;
         sb0[i] = ok ? B0[(ohead + s - obase) * D + i % D] : T(0);
@@ -137,31 +145,65 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
-      for (int s = max(s0, vis.lo); s < min(s0 + BS, vis.hi); ++s) {
-        const int c = s - s0;
-        float x = 0.0f, dp = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          x += a0[d] * float(sb0[c * D + d]);
-          dp += a1[d] * float(sb1[c * D + d]);
+      // Scores and dP (8 x BS, transposed for dK/dV): A0 B0^T and A1 B1^T;
+      // fragment (i, j) of B^T is B[partner j][dim i].
+      simdgroup_float8x8 sf[KF], dpf[KF];
+      for (int kn = 0; kn < KF; ++kn) sf[kn] = dpf[kn] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int d = 0; d < DF; ++d) {
+        for (int kn = 0; kn < KF; ++kn) {
+          const int o = (kn * 8 + fn) * D + d * 8 + fm;
+          simdgroup_float8x8 bt;
+          ksa_frag_set(bt, float(sb0[o]), float(sb0[o + D]));
+          simdgroup_multiply_accumulate(sf[kn], a0[d], bt, sf[kn]);
+          ksa_frag_set(bt, float(sb1[o]), float(sb1[o + D]));
+          simdgroup_multiply_accumulate(dpf[kn], a1[d], bt, dpf[kn]);
         }
-        // FlashAttention-2: P from the saved lse, dS = P * (dP - Delta).
-        const float lse2 = kv ? olse[ohead + s - obase] * LOG2E : row_lse2;
-        const float delta = kv ? odelta[ohead + s - obase] : row_delta;
-        const float prob = exp2(x * sl2 - lse2), ds = prob * (dp - delta);
-        for (int d = 0; d < D; ++d) acc0[d] += ds * float(sb0[c * D + d]);
-        if (kv)
-          for (int d = 0; d < D; ++d) acc1[d] += prob * float(sb1[c * D + d]);
+      }
+
+      // FlashAttention-2: P from the saved lse, dS = P * (dP - Delta); pairs
+      // outside the row's range (which ends by the block's last valid
+      // partner s1) get 0. lse and Delta belong to the query: the row for
+      // dQ, the column for dK/dV.
+      const int s1 = min(s0 + BS, range.hi) - 1;
+      for (int kn = 0; kn < KF; ++kn) {
+        for (int e = 0; e < 2; ++e) {
+          const int s = s0 + kn * 8 + fn + e;
+          const size_t o = ohead + min(s, s1) - obase;
+          const float lse2 = kv ? olse[o] * LOG2E : row_lse2;
+          const float delta = kv ? odelta[o] : row_delta;
+          const float x = sf[kn].thread_elements()[e], dp = dpf[kn].thread_elements()[e];
+          const float prob = s >= vis.lo && s < vis.hi ? exp2(x * sl2 - lse2) : 0.0f;
+          sf[kn].thread_elements()[e] = prob;
+          dpf[kn].thread_elements()[e] = prob * (dp - delta);
+        }
+      }
+
+      // acc0 += dS B0 (dQ += dS K, or dK += dS^T Q), and for dK/dV acc1 +=
+      // P B1 (dV += P^T dO); fragment (i, j) of B is B[partner i][dim j].
+      for (int kn = 0; kn < KF; ++kn) {
+        for (int d = 0; d < DF; ++d) {
+          const int o = (kn * 8 + fm) * D + d * 8 + fn;
+          simdgroup_float8x8 bf;
+          ksa_frag_set(bf, float(sb0[o]), float(sb0[o + 1]));
+          simdgroup_multiply_accumulate(acc0[d], dpf[kn], bf, acc0[d]);
+          if (kv) {
+            ksa_frag_set(bf, float(sb1[o]), float(sb1[o + 1]));
+            simdgroup_multiply_accumulate(acc1[d], sf[kn], bf, acc1[d]);
+          }
+        }
       }
     }
   }
 }
 
-if (tile.first + lid < rows) {
+if (lrow < rows) {
   const float sc = scale[0];
   device T* out0 = kv ? (rsum ? dk_sum : dk_text) : (rsum ? dq_sum : dq_text);
-  for (int d = 0; d < D; ++d) out0[roff * D + d] = T(acc0[d] * sc);
-  if (kv) {
-    device T* out1 = rsum ? dv_sum : dv_text;
-    for (int d = 0; d < D; ++d) out1[roff * D + d] = T(acc1[d]);
+  device T* out1 = rsum ? dv_sum : dv_text;
+  for (int d = 0; d < DF; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      out0[roff * D + d * 8 + fn + e] = T(acc0[d].thread_elements()[e] * sc);
+      if (kv) out1[roff * D + d * 8 + fn + e] = T(acc1[d].thread_elements()[e]);
+    }
   }
 }

@@ -80,6 +80,13 @@ def test_metal_backward_matches_reference_vjp(emulator, case):
     check_grads(run_emulated(emulator, arrays, opts, cot), arrays, opts, cot)
 
 
+def test_metal_backward_over_many_partner_blocks(emulator):
+    # 200 tokens, a 2-chunk window: summary key tiles stream about 190 text
+    # queries (6 blocks of 32), key tiles sum over 2 query heads.
+    arrays, opts, cot = make_grad_case(1, 4, 2, 64, 4, 1, 2, 0, 200, mx.float32)
+    check_grads(run_emulated(emulator, arrays, opts, cot), arrays, opts, cot)
+
+
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])
 def test_metal_backward_is_clean_under_sanitizers(emulator, sanitizer):
     arrays, opts, cot = make_grad_case(1, 2, 1, 64, 4, 1, 1, 5, 14, mx.float32)

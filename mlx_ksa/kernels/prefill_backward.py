@@ -24,7 +24,7 @@ INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "do_text", "d
 OUTPUTS = ["dq_text", "dq_sum", "dk_text", "dv_text", "dk_sum", "dv_sum"]
 # Rows per tile and threads per tile.
 TILE = {"metal": 32, "cuda": 64}
-THREADS = {"metal": 32, "cuda": 128}
+THREADS = {"metal": 128, "cuda": 128}
 
 
 @functools.lru_cache(maxsize=None)
