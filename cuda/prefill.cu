@@ -218,7 +218,7 @@ __device__ __forceinline__ void mma_ab(float (&c)[D / 8][4], const float (&x)[N 
   }
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(KSA_NO_WGMMA)
 // Hopper (sm_90a): warpgroup MMA. One wgmma reads a shared operand once for
 // the 64 rows of 4 warps, where mma.sync has each warp re-read it through
 // ldmatrix -- the shared-memory traffic that bounds the mma.sync kernel.

@@ -46,6 +46,15 @@ def test_cuda_kernel_matches_reference(case):
     check(prefill.prefill_attention(*arrays, **opts, return_lse=True), arrays, opts)
 
 
+@pytest.mark.parametrize("case", LONG_CASES[:3], ids=lambda c: "-".join(map(str, c)))
+def test_mma_sync_path_matches_reference(case):
+    # The path of NVIDIA GPUs without wgmma, built on the H200 on purpose.
+    arrays, opts = make_case(*case)
+    outs = prefill.kernel("cuda", wgmma=False)(**prefill.launch("cuda", *arrays, **opts))
+    n_sq = arrays[1].shape[2]
+    check((outs[0], outs[1][:, :, :n_sq], outs[2], outs[3][:, :, :n_sq]), arrays, opts)
+
+
 def test_whole_context_text_goes_to_causal_sdpa():
     arrays, opts = make_case(1, 4, 2, 128, 8, 1, 100, 0, 300, mx.bfloat16)
     got = prefill.prefill_attention(*arrays, **opts)
