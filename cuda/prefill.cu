@@ -100,7 +100,7 @@ __device__ __forceinline__ int swz(int row, int col) {
 template <typename T, int E>
 __device__ __forceinline__ void load_lane(float (&f)[E], const T* p) {
   static_assert(E % 8 == 0, "16-byte loads");
-  T x[E];
+  alignas(16) T x[E];
   #pragma unroll
   for (int i = 0; i < E / 8; ++i) reinterpret_cast<uint4*>(x)[i] = reinterpret_cast<const uint4*>(p)[i];
   #pragma unroll
