@@ -43,7 +43,7 @@ inline void ksa_frag_set(thread simdgroup_float8x8& f, float a, float b) {
 // ==== kernel body ====
 constexpr int BQ = 32;        // queries per tile: 4 simdgroups x 8 rows
 constexpr int NT = 128;
-constexpr int BK = 2048 / D;  // keys per block: 2 x BK x D elements of threadgroup memory
+constexpr int BK = 2048 / D;  // keys per block: 2 x BK x D elements (+ padding) of threadgroup memory
 constexpr int DF = D / 8, KF = BK / 8;  // 8x8 fragments along D and along a key block
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -101,8 +101,11 @@ if (tile >= text_tiles) {
 }
 
 // ---- text queries ----
-threadgroup T skt[D * BK];  // the key block transposed, [D][BK]: K^T fragments read row pairs
-threadgroup T sv[BK * D];
+// Rows padded by 16 bytes, as MLX's steel attention does: the 8 rows of a
+// fragment then start in different banks.
+constexpr int PAD = 16 / sizeof(T), LK = BK + PAD, LV = D + PAD;
+threadgroup T skt[D * LK];  // the key block transposed, [D][BK]: K^T fragments read row pairs
+threadgroup T sv[BK * LV];
 
 const int qt = text_tiles - 1 - tile;  // heaviest tiles (most summaries) first
 const int qa = qt * BQ;
@@ -146,8 +149,8 @@ for (int jb = 0; jb < n_blocks; ++jb) {
   for (int i = lid; i < BK * D; i += NT) {
     const int r = i / D, d = i % D;
     const bool ok = row0 + r < end;
-    skt[d * BK + r] = ok ? kp[size_t(row0 + r) * D + d] : T(0);
-    sv[i] = ok ? vp[size_t(row0 + r) * D + d] : T(0);
+    skt[d * LK + r] = ok ? kp[size_t(row0 + r) * D + d] : T(0);
+    sv[r * LV + d] = ok ? vp[size_t(row0 + r) * D + d] : T(0);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -157,7 +160,7 @@ for (int jb = 0; jb < n_blocks; ++jb) {
   for (int d = 0; d < DF; ++d) {
     for (int kn = 0; kn < KF; ++kn) {
       simdgroup_float8x8 kf;
-      const threadgroup T* kp2 = skt + (d * 8 + fm) * BK + kn * 8 + fn;
+      const threadgroup T* kp2 = skt + (d * 8 + fm) * LK + kn * 8 + fn;
       ksa_frag_set(kf, float(kp2[0]), float(kp2[1]));
       simdgroup_multiply_accumulate(sf[kn], qf[d], kf, sf[kn]);
     }
@@ -206,7 +209,7 @@ for (int jb = 0; jb < n_blocks; ++jb) {
   for (int kn = 0; kn < KF; ++kn) {
     for (int d = 0; d < DF; ++d) {
       simdgroup_float8x8 vf;
-      const threadgroup T* vp2 = sv + (kn * 8 + fm) * D + d * 8 + fn;
+      const threadgroup T* vp2 = sv + (kn * 8 + fm) * LV + d * 8 + fn;
       ksa_frag_set(vf, float(vp2[0]), float(vp2[1]));
       simdgroup_multiply_accumulate(of[d], sf[kn], vf, of[d]);
     }

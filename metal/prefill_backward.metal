@@ -86,7 +86,7 @@ inline KsaTile ksa_tile(int x, int rows_per_tile, KsaBwd p) {
 // ==== kernel body ====
 constexpr int BR = 32;        // rows per tile: 4 simdgroups x 8
 constexpr int NT = 128;
-constexpr int BS = 2048 / D;  // partner rows per block: 2 x BS x D elements of threadgroup memory
+constexpr int BS = 2048 / D;  // partner rows per block: 2 x BS x D elements (+ padding) of threadgroup memory
 constexpr int DF = D / 8, KF = BS / 8;  // 8x8 fragments along D and along a partner block
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -119,8 +119,11 @@ for (int d = 0; d < DF; ++d) {
 const float row_lse2 = kv ? 0.0f : (rsum ? lse_sum : lse_text)[roff] * LOG2E;
 const float row_delta = kv ? 0.0f : (rsum ? delta_sum : delta_text)[roff];
 
-threadgroup T sb0[BS * D];  // partner keys (dQ) or queries (dK/dV)
-threadgroup T sb1[BS * D];  // partner values (dQ) or dO (dK/dV)
+// Rows padded by 16 bytes (as in the forward): a fragment's 8 rows start in
+// different banks.
+constexpr int LB = D + 16 / sizeof(T);
+threadgroup T sb0[BS * LB];  // partner keys (dQ) or queries (dK/dV)
+threadgroup T sb1[BS * LB];  // partner values (dQ) or dO (dK/dV)
 
 // Key rows sum over the G query heads that share them.
 for (int g = 0; g < (kv ? p.G : 1); ++g) {
@@ -138,10 +141,10 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
     for (int s0 = range.lo; s0 < range.hi; s0 += BS) {
       threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block is consumed
       for (int i = lid; i < BS * D; i += NT) {
-        const int s = s0 + i / D;
+        const int r = i / D, d = i % D, s = s0 + r;
         const bool ok = s < range.hi;
-        sb0[i] = ok ? B0[(ohead + s - obase) * D + i % D] : T(0);
-        sb1[i] = ok ? B1[(ohead + s - obase) * D + i % D] : T(0);
+        sb0[r * LB + d] = ok ? B0[(ohead + s - obase) * D + d] : T(0);
+        sb1[r * LB + d] = ok ? B1[(ohead + s - obase) * D + d] : T(0);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -151,11 +154,11 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       for (int kn = 0; kn < KF; ++kn) sf[kn] = dpf[kn] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int d = 0; d < DF; ++d) {
         for (int kn = 0; kn < KF; ++kn) {
-          const int o = (kn * 8 + fn) * D + d * 8 + fm;
+          const int o = (kn * 8 + fn) * LB + d * 8 + fm;
           simdgroup_float8x8 bt;
-          ksa_frag_set(bt, float(sb0[o]), float(sb0[o + D]));
+          ksa_frag_set(bt, float(sb0[o]), float(sb0[o + LB]));
           simdgroup_multiply_accumulate(sf[kn], a0[d], bt, sf[kn]);
-          ksa_frag_set(bt, float(sb1[o]), float(sb1[o + D]));
+          ksa_frag_set(bt, float(sb1[o]), float(sb1[o + LB]));
           simdgroup_multiply_accumulate(dpf[kn], a1[d], bt, dpf[kn]);
         }
       }
@@ -182,7 +185,7 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       // P B1 (dV += P^T dO); fragment (i, j) of B is B[partner i][dim j].
       for (int kn = 0; kn < KF; ++kn) {
         for (int d = 0; d < DF; ++d) {
-          const int o = (kn * 8 + fm) * D + d * 8 + fn;
+          const int o = (kn * 8 + fm) * LB + d * 8 + fn;
           simdgroup_float8x8 bf;
           ksa_frag_set(bf, float(sb0[o]), float(sb0[o + 1]));
           simdgroup_multiply_accumulate(acc0[d], dpf[kn], bf, acc0[d]);
