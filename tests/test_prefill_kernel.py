@@ -108,9 +108,8 @@ CASES = [
 
 def run_emulated(emulator, arrays, opts, sanitizer=None):
     args = prefill.launch("metal", *arrays, **opts)
-    outs = emulator.run_metal_kernel(prefill.kernel("metal"), sanitizer=sanitizer, **args)
-    n_sq = arrays[1].shape[2]
-    return outs[0], outs[1][:, :, :n_sq], outs[2], outs[3][:, :, :n_sq]
+    return prefill.cut(emulator.run_metal_kernel(prefill.kernel("metal"), sanitizer=sanitizer, **args),
+                       arrays[1])
 
 
 @pytest.fixture(scope="module")

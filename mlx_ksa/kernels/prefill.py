@@ -100,6 +100,14 @@ def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, win
     )
 
 
+def cut(outputs, q_sum):
+    """A launch's (o_text, o_sum, lse_text, lse_sum) with the summary outputs
+    cut back to q_sum's rows (the launch makes at least one)."""
+    o_text, o_sum, lse_text, lse_sum = outputs
+    n_sq = q_sum.shape[2]
+    return o_text, o_sum[:, :, :n_sq], lse_text, lse_sum[:, :, :n_sq]
+
+
 def causal_text(n, *, layout, window, t0, text_base, back_end=None):
     """Whether prefill_attention sends the text queries to causal SDPA (unless
     asked for lse): a whole-context layer's text queries over keys of their own
@@ -131,10 +139,8 @@ def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, wi
                                             text_base=text_base, back_end=back_end)
     args = launch(back_end, *arrays, layout=layout, window=window, t0=t0,
                   text_base=text_base, scale=scale, text=not causal)
-    o_text, o_sum, lse_text, lse_sum = kernel(back_end)(**args)
+    o_text, o_sum, lse_text, lse_sum = cut(kernel(back_end)(**args), q_sum)
     if causal:
         o_text = mx.fast.scaled_dot_product_attention(q_text, k_text, v_text, scale=scale,
                                                       mask="causal")
-    n_sq = q_sum.shape[2]
-    o_sum, lse_sum = o_sum[:, :, :n_sq], lse_sum[:, :, :n_sq]
     return (o_text, o_sum, lse_text, lse_sum) if return_lse else (o_text, o_sum)
