@@ -42,7 +42,7 @@ def ksa_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window
     arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
     opts = dict(layout=layout, window=window, t0=t0, text_base=text_base, scale=scale)
     reference = lambda *xs: reference_attention(*xs, **opts)
-    if not prefill.supported(*arrays):  # CPU, or inputs no kernel serves
+    if not prefill.supported(*arrays, scale=scale):  # CPU, or inputs no kernel serves
         return reference(*arrays)
     # The kernels have no autodiff: the vjp runs the backward kernel on the
     # forward's outputs and lse, hidden from the caller. Where causal SDPA serves

@@ -153,3 +153,13 @@ def test_launch_covers_every_query():
         rows = prefill.TILE[back_end]
         assert tiles == -(-70 // rows) + -(-arrays[1].shape[2] // rows)
         assert args["grid"][1:] == (4, 1)
+
+
+def test_kernels_serve_only_a_positive_scale():
+    # Their running maxima are of unscaled scores; a scale <= 0 (or NaN) goes to
+    # the reference, which tests/gpu checks end to end through ksa_attention.
+    arrays, opts = make_case(1, 2, 1, 64, 4, 1, 1, 0, 9, mx.float16)
+    for back_end in ("metal", "cuda"):
+        assert prefill.supported(*arrays, scale=opts["scale"], back_end=back_end)
+        for scale in (0.0, -opts["scale"], float("nan")):
+            assert not prefill.supported(*arrays, scale=scale, back_end=back_end)

@@ -53,10 +53,12 @@ def kernel(back_end, wgmma=True):
     return mx.fast.cuda_kernel("ksa_prefill", INPUTS, OUTPUTS, body, header)
 
 
-def supported(q_text, q_sum, k_text, v_text, k_sum, v_sum, back_end=None):
+def supported(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, scale, back_end=None):
     """Whether the kernel of `back_end` (default: the current one) serves these inputs."""
     back_end = back_end or backend()
-    if back_end is None:
+    # The kernels take running maxima of unscaled scores, so the scale must be
+    # positive (it always is: D ** -0.5 unless a caller overrides it).
+    if back_end is None or not scale > 0:
         return False
     arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
     D = q_text.shape[-1]
@@ -69,9 +71,9 @@ def supported(q_text, q_sum, k_text, v_text, k_sum, v_sum, back_end=None):
     )
 
 
-def _nonempty(x):
+def nonempty(x):
     # Zero-size buffers are not bound reliably; the kernel never reads these.
-    return x if x.size else mx.zeros((*x.shape[:2], 1, x.shape[3]), x.dtype)
+    return x if x.size else mx.zeros((*x.shape[:2], 1, *x.shape[3:]), x.dtype)
 
 
 def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, window, t0,
@@ -88,7 +90,7 @@ def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, win
               layout.chunk, layout.summaries, H // Hkv, H]
     dtype = q_text.dtype
     return dict(
-        inputs=[q_text, _nonempty(q_sum), k_text, v_text, _nonempty(k_sum), _nonempty(v_sum),
+        inputs=[q_text, nonempty(q_sum), k_text, v_text, nonempty(k_sum), nonempty(v_sum),
                 mx.array(params, mx.int32), mx.array([scale], mx.float32)],
         grid=((text_tiles + sum_tiles) * THREADS[back_end], H, B),
         threadgroup=(THREADS[back_end], 1, 1),
@@ -128,9 +130,7 @@ def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, wi
     """
     back_end = backend()
     arrays = (q_text, q_sum, k_text, v_text, k_sum, v_sum)
-    # The CUDA kernel takes running maxima of unscaled scores, so the scale
-    # must be positive (it always is: D ** -0.5 unless a caller overrides it).
-    if not supported(*arrays, back_end=back_end) or not scale > 0:
+    if not supported(*arrays, scale=scale, back_end=back_end):
         return None
     k, n = layout.chunk, q_text.shape[2]
     if text_base % k or text_base > visibility.band_start(t0, k, window):

@@ -18,6 +18,7 @@ import functools
 import mlx.core as mx
 
 from . import backend, prefill
+from .prefill import nonempty
 
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "do_text", "do_sum",
           "lse_text", "lse_sum", "delta_text", "delta_sum", "params", "scale"]
@@ -38,14 +39,9 @@ def kernel(back_end):
     return make("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
 
 
-def supported(*arrays, back_end=None):
+def supported(*arrays, scale, back_end=None):
     """Whether the backward kernel serves these primals: wherever the forward does."""
-    return prefill.supported(*arrays, back_end=back_end)
-
-
-def _nonempty(x):
-    # Zero-size buffers are not bound reliably; the kernel never reads these.
-    return x if x.size else mx.zeros((*x.shape[:2], 1, *x.shape[3:]), x.dtype)
+    return prefill.supported(*arrays, scale=scale, back_end=back_end)
 
 
 def launch(back_end, primals, outputs, cotangents, *, layout, window, t0, text_base, scale):
@@ -68,9 +64,8 @@ def launch(back_end, primals, outputs, cotangents, *, layout, window, t0, text_b
     window = min(window, (t0 + n) // k + 1)
     params = [n, n_sq, t0, text_base, window, Lt, Ls, k, layout.summaries, H // Hkv, H, *tiles]
     return dict(
-        inputs=[q_text, _nonempty(q_sum), k_text, v_text, _nonempty(k_sum), _nonempty(v_sum),
-                dos[0], _nonempty(dos[1]), outputs[2], _nonempty(outputs[3]),
-                deltas[0], _nonempty(deltas[1]),
+        inputs=[*map(nonempty, (q_text, q_sum, k_text, v_text, k_sum, v_sum, dos[0], dos[1],
+                                 outputs[2], outputs[3], deltas[0], deltas[1])),
                 mx.array(params, mx.int32), mx.array([scale], mx.float32)],
         grid=(sum(tiles) * THREADS[back_end], H, B),
         threadgroup=(THREADS[back_end], 1, 1),
@@ -92,7 +87,7 @@ def prefill_attention_vjp(primals, outputs, cotangents, *, layout, window, t0, t
     forward's outputs (o_text, o_sum, lse_text, lse_sum) and the cotangents of
     (o_text, o_sum), or None where the kernel does not serve the inputs."""
     back_end = backend()
-    if not supported(*primals, back_end=back_end):
+    if not supported(*primals, scale=scale, back_end=back_end):
         return None
     args = launch(back_end, primals, outputs, cotangents, layout=layout, window=window, t0=t0,
                   text_base=text_base, scale=scale)
