@@ -8,15 +8,18 @@
 // Outputs: o_text, o_sum (like the queries), lse_text [B,H,n], lse_sum [B,H,mS].
 //
 // Grid: x = query tiles (the text tiles, heaviest first, then the summary
-// tiles), y = query head, z = batch; 128 threads (4 warps) per tile, 4 tiles
-// per SM (mlx_ksa/kernels/prefill.py caps registers at 128).
-// Text tile: 64 text queries of one head, flash attention over two key ranges
-// -- the visible summary prefix [0, summary_prefix(last query)) and the text
-// band [band_start(first query), last query] -- in blocks of 64 keys, with
-// tensor cores and float32 accumulators: one warpgroup MMA (wgmma) per
-// product on Hopper (sm_90a), mma.sync m16n8k16 per warp elsewhere. Only
-// blocks that straddle a row's range boundary pay for the per-element mask.
-// Summary tile: 64 summary queries, 8 lanes per query, over its chunk's
+// tiles), y = query head, z = batch; 256 threads (8 warps, 2 warpgroups) per
+// tile, 2 tiles per SM (mlx_ksa/kernels/prefill.py caps registers at 128).
+// Text tile: 128 text queries of one head, flash attention over two key
+// ranges -- the visible summary prefix [0, summary_prefix(last query)) and
+// the text band [band_start(first query), last query] -- in blocks of 64
+// keys, with tensor cores and float32 accumulators: one warpgroup MMA (wgmma)
+// per product and 64 rows on Hopper (sm_90a), mma.sync m16n8k16 per warp and
+// 16 rows elsewhere. The two warpgroups share each K/V block: at 64 rows per
+// block the loads kept L2 70% busy. A warpgroup skips the blocks none of its
+// rows sees, and only blocks that straddle a row's range boundary pay for
+// the per-element mask.
+// Summary tile: 128 summary queries, 8 lanes per query, over its chunk's
 // summaries 0..j and k text keys (at most 2k keys: no tiling needed).
 // The index math is the one in mlx_ksa/visibility.py and metal/prefill.metal.
 
@@ -309,27 +312,39 @@ __device__ __forceinline__ void wgmma_rs(float (&c)[N / 8][4], const unsigned (&
 }
 #endif
 
-// A text tile's shared operands as its products read them: on Hopper the
-// descriptors' low words, computed once (per wgmma they cost 9 instructions).
-template <typename T, int N>
+// A text tile's shared operands as its products read them: Q of M rows, K and
+// V of N. On Hopper, the descriptors' low words, computed once (per wgmma
+// they cost 9 instructions); q_lo starts at this warpgroup's 64 rows.
+template <typename T, int M, int N>
 struct Operands {
   const T *q, *k, *v;
 #ifdef KSA_WGMMA
   unsigned q_lo, k_lo, v_lo;
 #endif
-  __device__ Operands(const T* q_, const T* k_, const T* v_) : q(q_), k(k_), v(v_) {
+  __device__ Operands(const T* q_, const T* k_, const T* v_, int warpgroup) : q(q_), k(k_), v(v_) {
 #ifdef KSA_WGMMA
-    q_lo = gmma_lo(smem_addr(q), 16);  // K-major: lbo unused
+    q_lo = gmma_lo(smem_addr(q) + warpgroup * 64 * 128, 16);  // K-major: lbo unused
     k_lo = gmma_lo(smem_addr(k), 16);
     v_lo = gmma_lo(smem_addr(v), N * 128);
 #endif
   }
+  // The same operands with K and V `elems` further on (another stage).
+  __device__ Operands stage(int elems) const {
+    Operands t = *this;
+    t.k += elems;
+    t.v += elems;
+#ifdef KSA_WGMMA
+    t.k_lo += elems * int(sizeof(T)) / 16;
+    t.v_lo += elems * int(sizeof(T)) / 16;
+#endif
+    return t;
+  }
 };
 
-// The tile's scores s (64 x N) = Q K^T, Q of 64 rows and K of N rows in
-// shared memory: one warpgroup MMA on Hopper, else each warp its 16 rows.
-template <typename T, int D, int N>
-__device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, N>& t, int warp, int lane) {
+// Scores s = Q K^T of this warpgroup's 64 rows (Hopper: one warpgroup MMA)
+// or else of this warp's 16 rows; Q and K in shared memory.
+template <typename T, int D, int M, int N>
+__device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, M, N>& t, int warp, int lane) {
 #ifdef KSA_WGMMA
   static_assert(N == 64, "wgmma_ss64");
   wgmma_fence();
@@ -337,7 +352,7 @@ __device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, N
   for (int kk = 0; kk < D / 16; ++kk) {
     // Columns 16kk.. are 32 bytes per kk into the 128-byte rows of block kk / 4.
     const unsigned col = (kk & 3) * 2;
-    wgmma_ss64<T>(s, gmma_desc(t.q_lo + (kk >> 2) * 64 * 8 + col),
+    wgmma_ss64<T>(s, gmma_desc(t.q_lo + (kk >> 2) * M * 8 + col),
                   gmma_desc(t.k_lo + (kk >> 2) * N * 8 + col), kk > 0);
   }
   wgmma_commit();
@@ -346,15 +361,15 @@ __device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, N
 #else
   #pragma unroll
   for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  mma_abt<T, D, 64, N>(s, t.q, t.k, warp, lane);
+  mma_abt<T, D, M, N>(s, t.q, t.k, warp, lane);
 #endif
 }
 
-// o (64 x D) += P V, P = p (64 x N, accumulator layout) rounded to T and V of
-// N rows in shared memory.
-template <typename T, int D, int N>
+// o += P V over this warpgroup's (or warp's) rows, P = p (accumulator
+// layout) rounded to T and V of N rows in shared memory.
+template <typename T, int D, int M, int N>
 __device__ __forceinline__ void accumulate(float (&o)[D / 8][4], const float (&p)[N / 8][4],
-                                           const Operands<T, N>& t, int lane) {
+                                           const Operands<T, M, N>& t, int lane) {
 #ifdef KSA_WGMMA
   fence_operands(o);
   wgmma_fence();
@@ -390,9 +405,9 @@ __device__ __forceinline__ int summary_prefix(int t, int chunk, int summaries, i
 }  // namespace ksa
 
 // ==== kernel body ====
-constexpr int BQ = 64;  // queries per tile: 4 warps x 16 rows
-constexpr int BK = 64;  // keys per block
-constexpr int NT = 128;
+constexpr int BQ = 128;  // queries per tile: 8 warps x 16 rows
+constexpr int BK = 64;   // keys per block
+constexpr int NT = 256, NW = NT / 32;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr float RESCALE = 8.f;  // log2 of the largest unnormalised probability
@@ -412,14 +427,14 @@ const T* vs = v_sum + kv_head * Ls * D;
 
 if (int(blockIdx.x) >= text_tiles) {
   // ---- summary queries: 8 lanes per query (E = D / 8 values each), so a
-  // warp runs 4 queries at once; 4 rounds of 4 warps x 4 make the 64 ----
+  // warp runs 4 queries at once, in rounds of NW warps x 4 ----
   constexpr int QL = 8, E = D / QL;
   const int c0 = t0 / chunk;
   const int sum_base = c0 * S + n_sq - Ls;  // k_sum may start after summary 0 (attention.summary_base)
   const int g = lane / QL, gl = lane % QL;
-  for (int i = 0; i < BQ / 16; ++i) {
-    const int r = (blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i * 4 + g;
-    if ((blockIdx.x - text_tiles) * BQ + warp * (BQ / 4) + i * 4 >= n_sq) break;  // warp-uniform
+  for (int i = 0; i < BQ / NW / 4; ++i) {
+    const int r0 = (blockIdx.x - text_tiles) * BQ + warp * (BQ / NW) + i * 4, r = r0 + g;
+    if (r0 >= n_sq) break;  // warp-uniform
     // A group past the end still runs (the shuffles need every lane), on the
     // last query, and stores nothing.
     const int rq = min(r, n_sq - 1);
@@ -465,10 +480,14 @@ if (int(blockIdx.x) >= text_tiles) {
 }
 
 // ---- text queries ----
-__shared__ KSA_TILE T sQ[BQ * D];
-__shared__ KSA_TILE T sK[BK * D];
-__shared__ KSA_TILE T sV[BK * D];
-
+// Dynamic shared memory (96 KB at D = 128, past the 48 KB static limit),
+// its tiles on whole swizzle atoms: Q, then two stages of K and V, so that
+// block j + 1 loads while block j computes behind one barrier per block.
+constexpr int STAGE = 2 * BK * D;
+extern __shared__ unsigned char smem[];
+T* const sQ = reinterpret_cast<T*>(smem + (-ksa::smem_addr(smem) & 1023u));
+T* const sK = sQ + BQ * D;
+T* const sV = sK + BK * D;
 const int qt = text_tiles - 1 - blockIdx.x;  // heaviest tiles (most summaries) first
 const int qa = qt * BQ;                       // first query, relative to t0
 const int t_first = t0 + qa, t_last = t0 + min(qa + BQ, n) - 1;
@@ -476,10 +495,15 @@ const int n_sum = ksa::summary_prefix(t_last, chunk, S, window);
 const int lo = ksa::band_start(t_first, chunk, window), hi = t_last + 1;
 const int n_sb = (n_sum + BK - 1) / BK, n_blocks = n_sb + (hi - lo + BK - 1) / BK;
 const size_t qbase = (size_t(b) * H + h) * n;
-// Summary blocks ending by sum_full and text blocks in [band_full, t_first]
-// are visible to every row of the tile: no mask.
-const int sum_full = ksa::summary_prefix(t_first, chunk, S, window);
-const int band_full = ksa::band_start(t_last, chunk, window);
+// This warpgroup's rows [w_first, w_last] (none when w_first > t_last) see
+// summaries [0, w_sum) and texts [w_lo, w_last] between them; summary blocks
+// ending by sum_full and text blocks in [band_full, w_first] are visible to
+// every one of them: no mask.
+const int w_first = t_first + warp / 4 * 64, w_last = min(w_first + 63, t_last);
+const int w_sum = ksa::summary_prefix(w_last, chunk, S, window);
+const int w_lo = ksa::band_start(w_first, chunk, window);
+const int sum_full = ksa::summary_prefix(w_first, chunk, S, window);
+const int band_full = ksa::band_start(w_last, chunk, window);
 
 // Key block j: summary blocks first, then the text band; row0 and end index
 // the array, first the key (summary index or text index) of its row 0.
@@ -490,17 +514,17 @@ auto block = [&](int j, const T*& kp, const T*& vp, int& row0, int& end, int& fi
     kp = kt; vp = vt; first = lo + (j - n_sb) * BK; row0 = first - text_base; end = hi - text_base;
   }
 };
+// K and V block j (its stage) from global rows into shared memory.
+auto load_block = [&](int j) {
+  const T *kp, *vp; int row0, end, first;
+  block(j, kp, vp, row0, end, first);
+  ksa::load_rows<T, D, BK, NT>(sK + (j & 1) * STAGE, kp, row0, end, tid);
+  ksa::load_rows<T, D, BK, NT>(sV + (j & 1) * STAGE, vp, row0, end, tid);
+  ksa::cp_async_commit();
+};
 
 ksa::load_rows<T, D, BQ, NT>(sQ, q_text + qbase * D, qa, n, tid);
-ksa::cp_async_commit();
-{
-  const T *kp, *vp; int row0, end, first;
-  block(0, kp, vp, row0, end, first);
-  ksa::load_rows<T, D, BK, NT>(sK, kp, row0, end, tid);
-  ksa::cp_async_commit();
-  ksa::load_rows<T, D, BK, NT>(sV, vp, row0, end, tid);
-  ksa::cp_async_commit();
-}
+load_block(0);
 
 // This thread's two rows (r and r+8 of the warp's 16) and their key ranges:
 // summaries [0, row_sum), text [row_lo, t + 1).
@@ -517,84 +541,75 @@ for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 // Running maxima of the raw scores (the scale is positive, so it commutes
 // with max and folds into the exponent's fma).
 float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
-const ksa::Operands<T, BK> tile(sQ, sK, sV);
+const ksa::Operands<T, BQ, BK> tiles(sQ, sK, sV, warp / 4);
 
 for (int j = 0; j < n_blocks; ++j) {
   const T *kp, *vp; int row0, end, first;
   block(j, kp, vp, row0, end, first);
   const bool is_sum = j < n_sb;
+  // Warpgroup-uniform: the wgmma inside must run on all 128 threads or none.
+  const bool mine = w_first <= t_last && (is_sum ? first < w_sum : first <= w_last && first + BK > w_lo);
 
-  ksa::cp_async_wait<1>();  // K(j) landed (V(j) may still be in flight)
+  // Block j landed, and every warp is done with block j - 1: its stage
+  // takes block j + 1.
+  ksa::cp_async_wait<0>();
   ksa::publish_fence();
   __syncthreads();
+  if (j + 1 < n_blocks) load_block(j + 1);
+  const auto tile = tiles.stage((j & 1) * STAGE);
   float s[BK / 8][4];
-  ksa::scores<T, D, BK>(s, tile, warp, lane);
-  __syncthreads();  // every warp is done with sK: prefetch the next K block
-  if (j + 1 < n_blocks) {
-    const T *kn, *vn; int r0n, endn, fn;
-    block(j + 1, kn, vn, r0n, endn, fn);
-    ksa::load_rows<T, D, BK, NT>(sK, kn, r0n, endn, tid);
-  }
-  ksa::cp_async_commit();  // possibly empty: keeps the group count uniform
+  if (mine) ksa::scores<T, D, BQ, BK>(s, tile, warp, lane);
 
-  const bool full = is_sum ? first + BK <= sum_full : first >= band_full && first + BK - 1 <= t_first;
-  bool raise[2];
-  float alpha[2];
-  #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    if (!full) {
-      // Key first + nb*8 + (lane&3)*2 + e is visible iff its offset from klo is below the span.
-      const int klo = is_sum ? 0 : row_lo[rr], khi = is_sum ? row_sum[rr] : t_row[rr] + 1;
-      const int k0 = first + (lane & 3) * 2 - klo;
+  if (mine) {
+    const bool full = is_sum ? first + BK <= sum_full : first >= band_full && first + BK - 1 <= w_first;
+    bool raise[2];
+    float alpha[2];
+    #pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      if (!full) {
+        // Key first + nb*8 + (lane&3)*2 + e is visible iff its offset from klo is below the span.
+        const int klo = is_sum ? 0 : row_lo[rr], khi = is_sum ? row_sum[rr] : t_row[rr] + 1;
+        const int k0 = first + (lane & 3) * 2 - klo;
+        #pragma unroll
+        for (int nb = 0; nb < BK / 8; ++nb) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (unsigned(k0 + nb * 8 + e) >= unsigned(khi - klo)) s[nb][rr * 2 + e] = ksa::NEG_INF;
+        }
+      }
+      float mx = ksa::reduce<BK / 8>(s, rr, fmaxf);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // The exponent's reference max moves only when a score beats it by more
+      // than RESCALE in the log2 domain (FlashAttention-4's lazy rescaling):
+      // probabilities up to 2^RESCALE are exact in float32 and as P operands,
+      // and most blocks then leave o alone. The first finite score always moves
+      // it (mx - -inf = inf); a block with nothing visible never does.
+      raise[rr] = (mx - m_row[rr]) * sl2 > RESCALE;
+      const float mn = raise[rr] ? mx : m_row[rr];
+      const float base = mn == ksa::NEG_INF ? 0.f : mn * sl2;  // a row with nothing visible yet
+      alpha[rr] = raise[rr] ? ksa::ex2(m_row[rr] * sl2 - base) : 1.f;
       #pragma unroll
       for (int nb = 0; nb < BK / 8; ++nb) {
-        #pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (unsigned(k0 + nb * 8 + e) >= unsigned(khi - klo)) s[nb][rr * 2 + e] = ksa::NEG_INF;
+        s[nb][rr * 2] = ksa::ex2(fmaf(s[nb][rr * 2], sl2, -base));
+        s[nb][rr * 2 + 1] = ksa::ex2(fmaf(s[nb][rr * 2 + 1], sl2, -base));
       }
+      const float sum = ksa::reduce<BK / 8>(s, rr, [](float a, float b) { return a + b; });
+      l_row[rr] = l_row[rr] * alpha[rr] + sum;  // per-thread partial; quad-reduced at the end
+      m_row[rr] = mn;
     }
-    float mx = ksa::reduce<BK / 8>(s, rr, fmaxf);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // The exponent's reference max moves only when a score beats it by more
-    // than RESCALE in the log2 domain (FlashAttention-4's lazy rescaling):
-    // probabilities up to 2^RESCALE are exact in float32 and as P operands,
-    // and most blocks then leave o alone. The first finite score always moves
-    // it (mx - -inf = inf); a block with nothing visible never does.
-    raise[rr] = (mx - m_row[rr]) * sl2 > RESCALE;
-    const float mn = raise[rr] ? mx : m_row[rr];
-    const float base = mn == ksa::NEG_INF ? 0.f : mn * sl2;  // a row with nothing visible yet
-    alpha[rr] = raise[rr] ? ksa::ex2(m_row[rr] * sl2 - base) : 1.f;
-    #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb) {
-      s[nb][rr * 2] = ksa::ex2(fmaf(s[nb][rr * 2], sl2, -base));
-      s[nb][rr * 2 + 1] = ksa::ex2(fmaf(s[nb][rr * 2 + 1], sl2, -base));
-    }
-    const float sum = ksa::reduce<BK / 8>(s, rr, [](float a, float b) { return a + b; });
-    l_row[rr] = l_row[rr] * alpha[rr] + sum;  // per-thread partial; quad-reduced at the end
-    m_row[rr] = mn;
-  }
-  if (__any_sync(0xffffffffu, raise[0] || raise[1])) {
-    #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
+    if (__any_sync(0xffffffffu, raise[0] || raise[1])) {
+      #pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+      }
     }
   }
 
-  ksa::cp_async_wait<1>();  // V(j) landed
-  ksa::publish_fence();
-  __syncthreads();
-  ksa::accumulate<T, D, BK>(o, s, tile, lane);
-  __syncthreads();  // every warp is done with sV
-  if (j + 1 < n_blocks) {
-    const T *kn, *vn; int r0n, endn, fn;
-    block(j + 1, kn, vn, r0n, endn, fn);
-    ksa::load_rows<T, D, BK, NT>(sV, vn, r0n, endn, tid);
-  }
-  ksa::cp_async_commit();
+  if (mine) ksa::accumulate<T, D, BQ, BK>(o, s, tile, lane);
 }
 
 #pragma unroll
