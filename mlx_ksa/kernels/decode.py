@@ -18,7 +18,7 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from . import backend, source
+from . import backend, constant, source
 
 NW = 8  # simdgroups (warps) per threadgroup of pass 1
 # Splits: about one wave of pass-1 threadgroups on the largest GPUs (an H200
@@ -115,20 +115,13 @@ def supported(q, keys, values, quant=None):
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _scalar(x):
-    # The same every step: making an array costs as much as a small kernel.
-    return mx.array([x], dtype=mx.float32)
-
-
 INT32_MAX = 2**31 - 1
 
 
-@functools.lru_cache(maxsize=None)
 def _whole_view(B, sum_end):
     # Rows that all see the whole view (the kernel clips INT32_MAX to its
-    # length): the same every step of a cache, so made once, like _scalar.
-    return mx.array([[0, INT32_MAX, sum_end]] * B, dtype=mx.int32)
+    # length): the same every step of a cache.
+    return constant(((0, INT32_MAX, sum_end),) * B)
 
 
 def _one(x):
@@ -168,7 +161,7 @@ def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None, qu
         template += [("BITS", quant[1]), ("GS", quant[0])]
     return dict(
         # The text range as zero-copy views of the buffer (of each part).
-        inputs=[q, *buffers, *(x[:, :, first:last] for x in buffers), params, _scalar(scale)],
+        inputs=[q, *buffers, *(x[:, :, first:last] for x in buffers), params, constant((float(scale),), mx.float32)],
         output_shapes=[(B, H, P, D), (B, H, P, 2)],
         output_dtypes=[mx.float32, mx.float32],
         # The kernel reads n_splits off the grid.
