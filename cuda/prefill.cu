@@ -15,10 +15,11 @@
 // the text band [band_start(first query), last query] -- in blocks of 64
 // keys, with tensor cores and float32 accumulators: one warpgroup MMA (wgmma)
 // per product and 64 rows on Hopper (sm_90a), mma.sync m16n8k16 per warp and
-// 16 rows elsewhere. The two warpgroups share each K/V block: at 64 rows per
-// block the loads kept L2 70% busy. A warpgroup skips the blocks none of its
-// rows sees, and only blocks that straddle a row's range boundary pay for
-// the per-element mask.
+// 16 rows elsewhere. The two warpgroups share each K/V block (at 64 rows per
+// block the loads kept L2 70% busy), which loads into a second stage while
+// the one before it computes. A warpgroup skips the blocks none of its rows
+// sees, and only blocks that straddle a row's range boundary pay for the
+// per-element mask.
 // Summary tile: 128 summary queries, 8 lanes per query, over its chunk's
 // summaries 0..j and k text keys (at most 2k keys: no tiling needed).
 // The index math is the one in mlx_ksa/visibility.py and metal/prefill.metal.
