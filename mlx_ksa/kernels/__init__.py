@@ -61,6 +61,11 @@ def constant(values, dtype=mx.int32):
     return mx.array(values, dtype=dtype)
 
 
+def scalar(x):
+    """A kernel's float32 scalar input (its scale), as `constant`."""
+    return constant((float(x),), mx.float32)
+
+
 def cuda_launch_bounds(threads, blocks):
     """Header suffix giving the kernel MLX declares after it __launch_bounds__:
     mx.fast.cuda_kernel has no option for them, and without them the compiler

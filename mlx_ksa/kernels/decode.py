@@ -18,7 +18,7 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from . import backend, constant, source
+from . import backend, constant, scalar, source
 
 NW = 8  # simdgroups (warps) per threadgroup of pass 1
 # Splits: about one wave of pass-1 threadgroups on the largest GPUs (an H200
@@ -161,7 +161,7 @@ def plan_partial(q, keys, values, start, end, sum_end, scale, split_len=None, qu
         template += [("BITS", quant[1]), ("GS", quant[0])]
     return dict(
         # The text range as zero-copy views of the buffer (of each part).
-        inputs=[q, *buffers, *(x[:, :, first:last] for x in buffers), params, constant((float(scale),), mx.float32)],
+        inputs=[q, *buffers, *(x[:, :, first:last] for x in buffers), params, scalar(scale)],
         output_shapes=[(B, H, P, D), (B, H, P, 2)],
         output_dtypes=[mx.float32, mx.float32],
         # The kernel reads n_splits off the grid.

@@ -16,7 +16,7 @@ import functools
 import mlx.core as mx
 
 from .. import visibility
-from . import backend, constant, cuda_launch_bounds, source
+from . import backend, constant, cuda_launch_bounds, scalar, source
 
 SPLIT = "// ==== kernel body ====\n"
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "params", "scale"]
@@ -95,7 +95,7 @@ def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, win
     dtype = q_text.dtype
     return dict(
         inputs=[q_text, nonempty(q_sum), k_text, v_text, nonempty(k_sum), nonempty(v_sum),
-                constant(tuple(map(int, params))), constant((float(scale),), mx.float32)],
+                constant(tuple(map(int, params))), scalar(scale)],
         grid=((text_tiles + sum_tiles) * THREADS[back_end], H, B),
         threadgroup=(THREADS[back_end], 1, 1),
         template=[("T", dtype), ("D", D)],

@@ -17,7 +17,7 @@ import functools
 
 import mlx.core as mx
 
-from . import backend, constant, prefill
+from . import backend, constant, prefill, scalar
 from .prefill import nonempty
 
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "do_text", "do_sum",
@@ -66,7 +66,7 @@ def launch(back_end, primals, outputs, cotangents, *, layout, window, t0, text_b
     return dict(
         inputs=[*map(nonempty, (q_text, q_sum, k_text, v_text, k_sum, v_sum, dos[0], dos[1],
                                  outputs[2], outputs[3], deltas[0], deltas[1])),
-                constant(tuple(map(int, params))), constant((float(scale),), mx.float32)],
+                constant(tuple(map(int, params))), scalar(scale)],
         grid=(sum(tiles) * THREADS[back_end], H, B),
         threadgroup=(THREADS[back_end], 1, 1),
         template=[("T", dtype), ("D", D)],
