@@ -107,8 +107,9 @@ __device__ __forceinline__ Tile tile_of(int x, int rows_per_tile, const Bwd& p) 
 
 // ==== kernel body ====
 constexpr int BR = 64;  // rows per tile: 4 warps x 16
-constexpr int BS = 32;  // partner rows per block: 2 x 64 + 2 x 32 rows of D = 48 KB at D 128
+constexpr int BS = 32;  // partner rows per block
 constexpr int NT = 128;
+constexpr int STAGE = 2 * BS * D;  // a block's two partner tiles
 constexpr float LOG2E = 1.4426950408889634f;
 
 const ksa::Bwd p = ksa::read_params(params);
@@ -126,10 +127,16 @@ const size_t rhead = (size_t(b) * (kv ? Hkv : p.H) + h) * rows;  // array row 0 
 const T* A0 = kv ? (rsum ? k_sum : k_text) : (rsum ? q_sum : q_text);
 const T* A1 = kv ? (rsum ? v_sum : v_text) : (rsum ? do_sum : do_text);
 
-__shared__ KSA_TILE T sA0[BR * D];
-__shared__ KSA_TILE T sA1[BR * D];
-__shared__ KSA_TILE T sB0[BS * D];  // partner keys (dQ) or queries (dK/dV)
-__shared__ KSA_TILE T sB1[BS * D];  // partner values (dQ) or dO (dK/dV)
+// Dynamic shared memory (64 KB at D = 128), on whole swizzle atoms: the
+// tile's rows, then two stages of a partner block, so that block i + 1 loads
+// while block i computes behind one barrier per block. A stage holds B0
+// (partner keys for dQ, queries for dK/dV), B1 (values, or dO), and for
+// dK/dV the partner queries' lse and Delta.
+extern __shared__ unsigned char smem[];
+T* const sA0 = reinterpret_cast<T*>(smem + (-ksa::smem_addr(smem) & 1023u));
+T* const sA1 = sA0 + BR * D;
+T* const sB = sA1 + BR * D;  // stage i: sB + i * STAGE (B0, then B1)
+float* const sLse = reinterpret_cast<float*>(sB + 2 * STAGE);  // [2 stages][lse BS | Delta BS]
 ksa::load_rows<T, D, BR, NT>(sA0, A0 + rhead * D, tile.first, rows, tid);
 ksa::load_rows<T, D, BR, NT>(sA1, A1 + rhead * D, tile.first, rows, tid);
 ksa::cp_async_commit();
@@ -167,13 +174,34 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
     const T* B1 = kv ? (osum ? do_sum : do_text) : (osum ? v_sum : v_text);
     const float* olse = osum ? lse_sum : lse_text;
     const float* odelta = osum ? delta_sum : delta_text;
-    for (int s0 = range.lo; s0 < range.hi; s0 += BS) {
-      __syncthreads();  // every warp is done with the previous block
-      ksa::load_rows<T, D, BS, NT>(sB0, B0 + ohead * D, s0 - obase, range.hi - obase, tid);
-      ksa::load_rows<T, D, BS, NT>(sB1, B1 + ohead * D, s0 - obase, range.hi - obase, tid);
+    // Partner block i (rows from s0 = range.lo + i * BS) into stage i & 1:
+    // B0 and B1, and for dK/dV the partners' lse and Delta (zero past the
+    // range; those pairs are masked).
+    auto load_block = [&](int i) {
+      const int first = range.lo + i * BS - obase, end = range.hi - obase;
+      T* st = sB + (i & 1) * STAGE;
+      ksa::load_rows<T, D, BS, NT>(st, B0 + ohead * D, first, end, tid);
+      ksa::load_rows<T, D, BS, NT>(st + BS * D, B1 + ohead * D, first, end, tid);
+      if (kv && tid < 2 * BS) {  // one float each: the rows need not be 16-byte aligned
+        const int r = first + tid % BS;
+        const float* src = (tid < BS ? olse : odelta) + ohead;
+        ksa::cp_async4(sLse + (i & 1) * 2 * BS + tid, r < end ? src + r : src, r < end);
+      }
       ksa::cp_async_commit();
-      ksa::cp_async_wait<0>();  // this block (and, the first time, the tile's rows)
+    };
+    const int n_blocks = (range.hi - range.lo + BS - 1) / BS;
+    __syncthreads();  // every warp is done with the previous range's last block
+    if (n_blocks > 0) load_block(0);
+    for (int blk = 0; blk < n_blocks; ++blk) {
+      const int s0 = range.lo + blk * BS;
+      // Block blk landed (and, the first time, the tile's rows), and every
+      // warp is done with block blk - 1: its stage takes block blk + 1.
+      ksa::cp_async_wait<0>();
       __syncthreads();
+      if (blk + 1 < n_blocks) load_block(blk + 1);
+      const T* sB0 = sB + (blk & 1) * STAGE;
+      const T* sB1 = sB0 + BS * D;
+      const float* blk_lse = sLse + (blk & 1) * 2 * BS;
 
       float s[BS / 8][4], dp[BS / 8][4];
       #pragma unroll
@@ -183,10 +211,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       ksa::mma_abt<T, D, BR, BS>(s, sA0, sB0, warp, lane);   // scores (transposed for dK/dV)
       ksa::mma_abt<T, D, BR, BS>(dp, sA1, sB1, warp, lane);  // dP (transposed for dK/dV)
 
-      // s -> P, dp -> dS; pairs outside the row's range (which ends by the
-      // block's last valid partner s1) get 0. lse and Delta belong to the
-      // query: the row for dQ, the column for dK/dV.
-      const int s1 = min(s0 + BS, range.hi) - 1;
+      // s -> P, dp -> dS; pairs outside the row's range get 0. lse and Delta
+      // belong to the query: the row for dQ, the column for dK/dV.
       #pragma unroll
       for (int nb = 0; nb < BS / 8; ++nb) {
         #pragma unroll
@@ -194,15 +220,14 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
           const int si = s0 + nb * 8 + (lane & 3) * 2 + e;
           float col_lse2 = 0.f, col_delta = 0.f;
           if (kv) {
-            const size_t o = ohead + min(si, s1) - obase;
-            col_lse2 = olse[o] * LOG2E;
-            col_delta = odelta[o];
+            col_lse2 = blk_lse[si - s0] * LOG2E;
+            col_delta = blk_lse[BS + si - s0];
           }
           #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             float& x = s[nb][rr * 2 + e];
             float& y = dp[nb][rr * 2 + e];
-            x = si >= vis[rr].lo && si < vis[rr].hi ? exp2f(x * sl2 - (kv ? col_lse2 : row_lse2[rr])) : 0.f;
+            x = si >= vis[rr].lo && si < vis[rr].hi ? ksa::ex2(fmaf(x, sl2, -(kv ? col_lse2 : row_lse2[rr]))) : 0.f;
             y = x * (y - (kv ? col_delta : row_delta[rr]));
           }
         }

@@ -26,6 +26,10 @@ OUTPUTS = ["dq_text", "dq_sum", "dk_text", "dv_text", "dk_sum", "dv_sum"]
 # Rows per tile and threads per tile.
 TILE = {"metal": 32, "cuda": 64}
 THREADS = {"metal": 128, "cuda": 128}
+# The CUDA tile's two row tiles and two stages of a 32-row partner block (two
+# tiles, and the partners' lse and Delta) at the largest head dim, plus the
+# slack that puts them on 1024-byte swizzle atoms.
+CUDA_SHARED = (2 * TILE["cuda"] + 4 * 32) * max(prefill.HEAD_DIMS) * 2 + 4 * 32 * 4 + 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +39,10 @@ def kernel(back_end):
     header, body = prefill.split_source(name)
     # After the forward's header: its device helpers and visibility math.
     header = prefill.split_source(name.replace("_backward", ""))[0] + header
-    make = mx.fast.metal_kernel if back_end == "metal" else mx.fast.cuda_kernel
-    return make("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
+    if back_end == "metal":
+        return mx.fast.metal_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
+    return mx.fast.cuda_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header,
+                               shared_memory=CUDA_SHARED)
 
 
 def supported(*arrays, scale, back_end=None):
