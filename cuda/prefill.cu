@@ -511,21 +511,16 @@ const int w_lo = ksa::band_start(w_first, chunk, window);
 const int sum_full = ksa::summary_prefix(w_first, chunk, S, window);
 const int band_full = ksa::band_start(w_last, chunk, window);
 
-// Key block j: summary blocks first, then the text band; row0 and end index
-// the array, first the key (summary index or text index) of its row 0.
-auto block = [&](int j, const T*& kp, const T*& vp, int& row0, int& end, int& first) {
-  if (j < n_sb) {
-    kp = ks; vp = vs; first = row0 = j * BK; end = n_sum;
-  } else {
-    kp = kt; vp = vt; first = lo + (j - n_sb) * BK; row0 = first - text_base; end = hi - text_base;
-  }
-};
+// Key block j: summary blocks first, then the text band. first_key is the
+// key (summary index or text index) of its row 0.
+auto first_key = [&](int j) { return j < n_sb ? j * BK : lo + (j - n_sb) * BK; };
 // K and V block j (its stage) from global rows into shared memory.
 auto load_block = [&](int j) {
-  const T *kp, *vp; int row0, end, first;
-  block(j, kp, vp, row0, end, first);
-  ksa::load_rows<T, D, BK, NT>(sK + (j & 1) * STAGE, kp, row0, end, tid);
-  ksa::load_rows<T, D, BK, NT>(sV + (j & 1) * STAGE, vp, row0, end, tid);
+  const bool is_sum = j < n_sb;
+  const int first = first_key(j);
+  const int row0 = is_sum ? first : first - text_base, end = is_sum ? n_sum : hi - text_base;
+  ksa::load_rows<T, D, BK, NT>(sK + (j & 1) * STAGE, is_sum ? ks : kt, row0, end, tid);
+  ksa::load_rows<T, D, BK, NT>(sV + (j & 1) * STAGE, is_sum ? vs : vt, row0, end, tid);
   ksa::cp_async_commit();
 };
 
@@ -550,8 +545,7 @@ float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
 const ksa::Operands<T, BQ, BK> tiles(sQ, sK, sV, warp / 4);
 
 for (int j = 0; j < n_blocks; ++j) {
-  const T *kp, *vp; int row0, end, first;
-  block(j, kp, vp, row0, end, first);
+  const int first = first_key(j);
   const bool is_sum = j < n_sb;
   // Warpgroup-uniform: the wgmma inside must run on all 128 threads or none.
   const bool mine = w_first <= t_last && (is_sum ? first < w_sum : first <= w_last && first + BK > w_lo);
