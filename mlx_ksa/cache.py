@@ -290,11 +290,15 @@ class KSACache(_BaseCache):
 
         q, keys, values: [B, H or Hkv, 1 (+S), D], the text token, then the
         summaries of the chunk it completes (if it does). Returns
-        [B, H, 1 (+S), D], from the fused kernel where one serves.
+        [B, H, 1 (+S), D], from the fused kernel where one serves and SDPA
+        over the slice is not faster (`kernels.decode.sdpa_first`).
         """
         ranges = self.store_decode(keys, values)
         args = (q, self.keys, self.values, *ranges, scale)
-        out = decode_kernel.decode_attention(*args, quant=self._quant())
+        quant = self._quant()
+        out = None
+        if not decode_kernel.sdpa_first(q, *ranges[:2], quant):
+            out = decode_kernel.decode_attention(*args, quant=quant)
         return decode_reference(*args, self._sdpa()) if out is None else out
 
     def _quant(self):

@@ -268,3 +268,35 @@ def test_quantized_variant_serves_only_its_layouts():
     assert not decode.supported(q, dense, dense, (64, 4))  # a dense buffer is no parts
 
 
+
+
+@pytest.mark.parametrize("quant", [None, (64, 8)])
+def test_kernel_takes_the_steps_sdpa_over_the_slice_does_not_serve_faster(quant, monkeypatch):
+    """KSACache.decode routing: one text row of one sequence over at most
+    SDPA_MAX_KEYS keys runs as SDPA over its slice (one op); a chunk's
+    completing step (summary rows), a longer range or a quantized cache goes
+    to the kernel (here a spy that declines, so the reference still answers)."""
+    k, S, W, H, Hkv, D = 4, 1, 2, 4, 2, 64
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    steps, asked = [], []  # (rows, keys) of every step; of those handed to the kernel
+    first = decode.sdpa_first
+    monkeypatch.setattr(decode, "sdpa_first",
+                        lambda q, start, end, quant=None: steps.append((q.shape[2], end - start))
+                        or first(q, start, end, quant))
+    monkeypatch.setattr(decode, "decode_attention",
+                        lambda *a, **kw: asked.append((a[0].shape[2], a[4] - a[3])) or None)
+    for limit in (20, -1):
+        monkeypatch.setattr(decode, "SDPA_MAX_KEYS", limit)
+        steps.clear(), asked.clear()
+        cache = KSACache(k, S, W)
+        if quant:
+            cache = cache.to_quantized(*quant)
+        for t in range(60):
+            R = 1 + S if (t + 1) % k == 0 else 1
+            q, kv = arr(1, H, R, D), arr(1, Hkv, R, D)
+            assert cache.decode(q, kv, kv, D**-0.5).shape == (1, H, R, D)
+        assert len(steps) == 60
+        assert asked == [(R, n) for R, n in steps if quant or R > 1 or n > limit]
+        if not quant and limit > 0:  # both ways taken
+            assert 0 < len(asked) < 60 and any(R == 1 for R, _ in asked)

@@ -39,6 +39,12 @@ _FILES = {"metal": "metal/decode.metal", "cuda": "cuda/decode.cu"}
 # fill at most one word or whole words (see QuantRows).
 QUANT_BITS = (4, 8)
 QUANT_GROUPS = (32, 64, 128)
+# A single sequence's step that completes no chunk (7 in 8) reads one
+# contiguous slot range: SDPA over that slice is one op, where the kernel is
+# two custom-kernel calls and their plan, and a decode step is host-bound.
+# Per call on the H200 (BENCHMARKS.md), SDPA / kernel: 41 / 71 us at 2.9K
+# keys, 66 / 76 at 9K, 103 / 84 at 17K; up to this many keys SDPA goes first.
+SDPA_MAX_KEYS = 12288
 # Input names of pass 1: the variant's K, V (the whole buffer), then Kt, Vt (the view).
 _BUFFERS = {
     "dense": ["K", "V", "Kt", "Vt"],
@@ -183,6 +189,14 @@ def plan_reduce(q, part_o, part_ml):
         threadgroup=(D, 1, 1),
         template=[("T", q.dtype), ("D", D)],
     )
+
+
+def sdpa_first(q, start, end, quant=None):
+    """Whether SDPA over the slice [start, end) beats the kernel for this step
+    (see SDPA_MAX_KEYS): one query row of one sequence, a dense buffer (the
+    quantized cache's SDPA is several ops), few keys."""
+    return (quant is None and q.shape[0] == 1 and q.shape[2] == 1 and not np.ndim(start)
+            and end - start <= SDPA_MAX_KEYS)
 
 
 def decode_attention(q, keys, values, start, end, sum_end, scale, quant=None):
