@@ -268,8 +268,6 @@ def test_quantized_variant_serves_only_its_layouts():
     assert not decode.supported(q, dense, dense, (64, 4))  # a dense buffer is no parts
 
 
-
-
 @pytest.mark.parametrize("quant", [None, (64, 8)])
 def test_kernel_takes_the_steps_sdpa_over_the_slice_does_not_serve_faster(quant, monkeypatch):
     """KSACache.decode routing: one text row of one sequence over at most
@@ -288,7 +286,8 @@ def test_kernel_takes_the_steps_sdpa_over_the_slice_does_not_serve_faster(quant,
                         lambda *a, **kw: asked.append((a[0].shape[2], a[4] - a[3])) or None)
     for limit in (20, -1):
         monkeypatch.setattr(decode, "SDPA_MAX_KEYS", limit)
-        steps.clear(), asked.clear()
+        steps.clear()
+        asked.clear()
         cache = KSACache(k, S, W)
         if quant:
             cache = cache.to_quantized(*quant)
