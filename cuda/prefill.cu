@@ -261,11 +261,18 @@ __device__ __forceinline__ void fence_operands(float (&c)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(c[i][e])::"memory");
 }
 
-// c (64 x 64) (+)= A B^T with A, B K-major in shared memory (descriptors);
-// accumulate 0 overwrites c.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss64(float (&c)[8][4], unsigned long long a, unsigned long long b,
-                                           int accumulate) {
+// c (64 x N, N = 32 or 64) (+)= A B^T with A, B K-major in shared memory
+// (descriptors); accumulate 0 overwrites c.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&c)[N / 8][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+#define KSA_SS32(TY) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+    "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " \
+    {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, \
+    %16, %17, p, 1, 1, 0, 0;\n}\n" : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3]), \
+    "+f"(c[1][0]), "+f"(c[1][1]), "+f"(c[1][2]), "+f"(c[1][3]), "+f"(c[2][0]), "+f"(c[2][1]), \
+    "+f"(c[2][2]), "+f"(c[2][3]), "+f"(c[3][0]), "+f"(c[3][1]), "+f"(c[3][2]), "+f"(c[3][3]) \
+    : "l"(a), "l"(b), "r"(accumulate))
 #define KSA_SS64(TY) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " \
     {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, \
@@ -275,7 +282,13 @@ __device__ __forceinline__ void wgmma_ss64(float (&c)[8][4], unsigned long long 
     "+f"(c[4][0]), "+f"(c[4][1]), "+f"(c[4][2]), "+f"(c[4][3]), "+f"(c[5][0]), "+f"(c[5][1]), \
     "+f"(c[5][2]), "+f"(c[5][3]), "+f"(c[6][0]), "+f"(c[6][1]), "+f"(c[6][2]), "+f"(c[6][3]), \
     "+f"(c[7][0]), "+f"(c[7][1]), "+f"(c[7][2]), "+f"(c[7][3]) : "l"(a), "l"(b), "r"(accumulate))
-  if constexpr (is_bf16<T>) KSA_SS64("bf16"); else KSA_SS64("f16");
+  static_assert(N == 32 || N == 64, "wgmma_ss");
+  if constexpr (N == 32) {
+    if constexpr (is_bf16<T>) KSA_SS32("bf16"); else KSA_SS32("f16");
+  } else {
+    if constexpr (is_bf16<T>) KSA_SS64("bf16"); else KSA_SS64("f16");
+  }
+#undef KSA_SS32
 #undef KSA_SS64
 }
 
@@ -316,7 +329,63 @@ __device__ __forceinline__ void wgmma_rs(float (&c)[N / 8][4], const unsigned (&
 #undef KSA_RS64
 #undef KSA_RS128
 }
+
+// The products of both kernels, one warpgroup MMA group each, waited for.
+// c (64 x N) = A B^T: A of M rows and B of N rows, K-major tiles in shared
+// memory, given by their descriptors' low words (a_lo at this warpgroup's rows).
+template <typename T, int D, int M, int N>
+__device__ __forceinline__ void wgmma_abt(float (&c)[N / 8][4], unsigned a_lo, unsigned b_lo) {
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    // Columns 16kk.. are 32 bytes per kk into the 128-byte rows of block kk / 4.
+    const unsigned col = (kk & 3) * 2;
+    wgmma_ss<T, N>(c, gmma_desc(a_lo + (kk >> 2) * M * 8 + col), gmma_desc(b_lo + (kk >> 2) * N * 8 + col),
+                   kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait();
+  fence_operands(c);
+}
+// c (64 x D) += x B: x (64 x N, accumulator layout) rounded to T, B of N rows
+// in shared memory read MN-major (b_lo's lbo: N * 128).
+template <typename T, int D, int N>
+__device__ __forceinline__ void wgmma_ab(float (&c)[D / 8][4], const float (&x)[N / 8][4], unsigned b_lo) {
+  fence_operands(c);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    unsigned xf[4];
+    a_fragment<T, N>(xf, x, kk);
+    wgmma_rs<T, D>(c, xf, gmma_desc(b_lo + kk * 16 * 8));  // 16 rows of 128 bytes
+  }
+  wgmma_commit();
+  wgmma_wait();
+  fence_operands(c);
+}
 #endif
+
+// The same products on any tile in shared memory, over this warpgroup's 64
+// rows of A (Hopper; A holds one warpgroup's rows) or else this warp's 16:
+// c = A B^T (A: M rows, B: N rows) and c += x B (B: N rows).
+template <typename T, int D, int M, int N>
+__device__ __forceinline__ void product_abt(float (&c)[N / 8][4], const T* a, const T* b, int warp, int lane) {
+#ifdef KSA_WGMMA
+  wgmma_abt<T, D, M, N>(c, gmma_lo(smem_addr(a), 16), gmma_lo(smem_addr(b), 16));
+#else
+  #pragma unroll
+  for (int i = 0; i < N / 8; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+  mma_abt<T, D, M, N>(c, a, b, warp, lane);
+#endif
+}
+template <typename T, int D, int N>
+__device__ __forceinline__ void product_ab(float (&c)[D / 8][4], const float (&x)[N / 8][4], const T* b, int lane) {
+#ifdef KSA_WGMMA
+  wgmma_ab<T, D, N>(c, x, gmma_lo(smem_addr(b), N * 128));
+#else
+  mma_ab<T, D, N>(c, x, b, lane);
+#endif
+}
 
 // A text tile's shared operands as its products read them: Q of M rows, K and
 // V of N. On Hopper, the descriptors' low words, computed once (per wgmma
@@ -352,18 +421,7 @@ struct Operands {
 template <typename T, int D, int M, int N>
 __device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, M, N>& t, int warp, int lane) {
 #ifdef KSA_WGMMA
-  static_assert(N == 64, "wgmma_ss64");
-  wgmma_fence();
-  #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    // Columns 16kk.. are 32 bytes per kk into the 128-byte rows of block kk / 4.
-    const unsigned col = (kk & 3) * 2;
-    wgmma_ss64<T>(s, gmma_desc(t.q_lo + (kk >> 2) * M * 8 + col),
-                  gmma_desc(t.k_lo + (kk >> 2) * N * 8 + col), kk > 0);
-  }
-  wgmma_commit();
-  wgmma_wait();
-  fence_operands(s);
+  wgmma_abt<T, D, M, N>(s, t.q_lo, t.k_lo);
 #else
   #pragma unroll
   for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -377,17 +435,7 @@ template <typename T, int D, int M, int N>
 __device__ __forceinline__ void accumulate(float (&o)[D / 8][4], const float (&p)[N / 8][4],
                                            const Operands<T, M, N>& t, int lane) {
 #ifdef KSA_WGMMA
-  fence_operands(o);
-  wgmma_fence();
-  #pragma unroll
-  for (int kk = 0; kk < N / 16; ++kk) {
-    unsigned pf[4];
-    a_fragment<T, N>(pf, p, kk);
-    wgmma_rs<T, D>(o, pf, gmma_desc(t.v_lo + kk * 16 * 8));  // 16 rows of 128 bytes
-  }
-  wgmma_commit();
-  wgmma_wait();
-  fence_operands(o);
+  wgmma_ab<T, D, N>(o, p, t.v_lo);
 #else
   mma_ab<T, D, N>(o, p, t.v, lane);
 #endif

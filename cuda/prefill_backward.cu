@@ -24,8 +24,10 @@
 // the same matrix code with (A0, A1) = the tile's rows and (B0, B1) = a block
 // of partners: S = A0 B0^T, dP = A1 B1^T; then acc0 += dS B0, and for dK/dV
 // acc1 += P B1 (dQ: A = (Q, dO), B = (K, V); dK/dV: A = (K, V), B = (Q, dO),
-// i.e. the transposed products). Tensor cores (mma.sync m16n8k16, float32
-// accumulators, as in the forward), 4 warps of 16 rows. Which pairs exist
+// i.e. the transposed products). Tensor cores with float32 accumulators, as
+// in the forward (ksa::product_abt, product_ab): a tile is one warpgroup, so
+// on Hopper each product is one warpgroup MMA group over its 64 rows, and
+// elsewhere mma.sync m16n8k16 on 4 warps of 16 rows. Which pairs exist
 // comes from ksa::partners, the visibility math of mlx_ksa/visibility.py in
 // stream indices: a tile streams the union of its rows' partner ranges, and
 // each row keeps the pairs in its own range. metal/prefill_backward.metal has
@@ -197,6 +199,7 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       // Block blk landed (and, the first time, the tile's rows), and every
       // warp is done with block blk - 1: its stage takes block blk + 1.
       ksa::cp_async_wait<0>();
+      ksa::publish_fence();
       __syncthreads();
       if (blk + 1 < n_blocks) load_block(blk + 1);
       const T* sB0 = sB + (blk & 1) * STAGE;
@@ -204,12 +207,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
       const float* blk_lse = sLse + (blk & 1) * 2 * BS;
 
       float s[BS / 8][4], dp[BS / 8][4];
-      #pragma unroll
-      for (int i = 0; i < BS / 8; ++i)
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      ksa::mma_abt<T, D, BR, BS>(s, sA0, sB0, warp, lane);   // scores (transposed for dK/dV)
-      ksa::mma_abt<T, D, BR, BS>(dp, sA1, sB1, warp, lane);  // dP (transposed for dK/dV)
+      ksa::product_abt<T, D, BR, BS>(s, sA0, sB0, warp, lane);   // scores (transposed for dK/dV)
+      ksa::product_abt<T, D, BR, BS>(dp, sA1, sB1, warp, lane);  // dP (transposed for dK/dV)
 
       // s -> P, dp -> dS; pairs outside the row's range get 0. lse and Delta
       // belong to the query: the row for dQ, the column for dK/dV.
@@ -232,8 +231,8 @@ for (int g = 0; g < (kv ? p.G : 1); ++g) {
           }
         }
       }
-      ksa::mma_ab<T, D, BS>(acc0, dp, sB0, lane);       // dQ += dS K, or dK += dS^T Q
-      if (kv) ksa::mma_ab<T, D, BS>(acc1, s, sB1, lane);  // dV += P^T dO
+      ksa::product_ab<T, D, BS>(acc0, dp, sB0, lane);       // dQ += dS K, or dK += dS^T Q
+      if (kv) ksa::product_ab<T, D, BS>(acc1, s, sB1, lane);  // dV += P^T dO
     }
   }
 }

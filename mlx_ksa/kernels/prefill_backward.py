@@ -33,16 +33,22 @@ CUDA_SHARED = (2 * TILE["cuda"] + 4 * 32) * max(prefill.HEAD_DIMS) * 2 + 4 * 32 
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(back_end):
-    """The kernel object for 'metal' or 'cuda'; MLX compiles once per template."""
-    name = {"metal": "metal/prefill_backward.metal", "cuda": "cuda/prefill_backward.cu"}[back_end]
-    header, body = prefill.split_source(name)
+def kernel(back_end, wgmma=True):
+    """The kernel object for 'metal' or 'cuda'; MLX compiles once per template.
+
+    wgmma=False: the CUDA kernel's mma.sync path even on Hopper (as
+    `prefill.kernel`), for the GPU tests.
+    """
+    path = {"metal": "metal/prefill_backward.metal", "cuda": "cuda/prefill_backward.cu"}[back_end]
+    header, body = prefill.split_source(path)
     # After the forward's header: its device helpers and visibility math.
-    header = prefill.split_source(name.replace("_backward", ""))[0] + header
+    header = prefill.split_source(path.replace("_backward", ""))[0] + header
     if back_end == "metal":
         return mx.fast.metal_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
-    return mx.fast.cuda_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header,
-                               shared_memory=CUDA_SHARED)
+    name = "ksa_prefill_backward"
+    if not wgmma:  # MLX caches compiled kernels by name
+        name, header = name + "_mma", "#define KSA_NO_WGMMA\n" + header
+    return mx.fast.cuda_kernel(name, INPUTS, OUTPUTS, body, header, shared_memory=CUDA_SHARED)
 
 
 def supported(*arrays, scale, back_end=None):

@@ -38,6 +38,16 @@ def test_cuda_backward_matches_reference_vjp(case):
     check_grads(kernel_grads(arrays, opts, cot), arrays, opts, cot)
 
 
+@pytest.mark.parametrize("case", GPU_CASES[:4], ids=lambda c: "-".join(map(str, c)))
+def test_mma_sync_path_matches_reference_vjp(case):
+    # The path of NVIDIA GPUs without wgmma, built on the H200 on purpose.
+    arrays, opts, cot = make_grad_case(*case)
+    outs = prefill.prefill_attention(*arrays, **opts, return_lse=True)
+    args = prefill_backward.launch("cuda", arrays, outs, cot, **opts)
+    check_grads(prefill_backward.cut(prefill_backward.kernel("cuda", wgmma=False)(**args), arrays),
+                arrays, opts, cot)
+
+
 @pytest.mark.parametrize("window", [2, 100])  # a KSA layer; a whole-context layer (causal SDPA forward)
 def test_grad_through_ksa_attention_uses_the_kernel(window):
     arrays, opts, cot = make_grad_case(1, 4, 2, 128, 8, 1, window, 0, 300, mx.bfloat16)
