@@ -33,7 +33,9 @@ Sections:
   cpu      the CPU reference path (float32) vs MLX's dense SDPA on the CPU.
 
 Timing: warmup, then the median of several runs, each ended by mx.eval and
-mx.synchronize; sub-millisecond ops run `inner` times per timed run.
+mx.synchronize; sub-millisecond ops run `inner` times per timed run. The
+prefill section's three contenders take turns run by run, so that the GPU's
+clock changes reach all of them alike.
 """
 
 import argparse
@@ -90,18 +92,25 @@ QUICK = dict(
 DENSE_CPU_MAX = 8192
 
 
-def timeit(fn, warmup=1, repeats=5, inner=1):
-    """Median seconds of one fn() call."""
+def timeit(fns, warmup=1, repeats=5, inner=1):
+    """Median seconds of one call of fns (a function), or of each function in
+    fns (a dict of them: a dict of medians). A dict's functions take turns,
+    one call each per repeat, so that the GPU's clock changes over the run
+    (boost, temperature) reach all of them alike."""
+    named = fns if isinstance(fns, dict) else {None: fns}
     for _ in range(warmup):
-        mx.eval(fn())
+        for fn in named.values():
+            mx.eval(fn())
     mx.synchronize()
-    times = []
+    times = {name: [] for name in named}
     for _ in range(repeats):
-        t = time.perf_counter()
-        mx.eval([fn() for _ in range(inner)])
-        mx.synchronize()
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
+        for name, fn in named.items():
+            t = time.perf_counter()
+            mx.eval([fn() for _ in range(inner)])
+            mx.synchronize()
+            times[name].append((time.perf_counter() - t) / inner)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return medians if isinstance(fns, dict) else medians[None]
 
 
 def timeit_prebuilt(fn, warmup=1, repeats=5, inner=50):
@@ -152,13 +161,14 @@ def bench_prefill(cfg, dtype=mx.bfloat16):
         args = (q_t, q_s, k_t, v_t, k_s, v_s)
         entries, causal = visible_entries(n, k, S, W), n * (n + 1) // 2
         row = dict(n=n, visible_entries=entries, causal_entries=causal)
-        row["ksa_s"] = timeit(lambda: ksa_attention(*args, **opts))
-        row["sdpa_causal_s"] = timeit(
-            lambda: mx.fast.scaled_dot_product_attention(q_t, k_t, v_t, scale=scale, mask="causal"))
+        fns = {"ksa_s": lambda: ksa_attention(*args, **opts),
+               "sdpa_causal_s": lambda: mx.fast.scaled_dot_product_attention(
+                   q_t, k_t, v_t, scale=scale, mask="causal")}
         row["reference_s"] = row["reference_peak_bytes"] = None
         if n <= cfg["reference_max"]:
-            row["reference_s"], row["reference_peak_bytes"] = peak(
-                lambda: timeit(lambda: reference_attention(*args, **opts), repeats=3))
+            fns["reference_s"] = lambda: reference_attention(*args, **opts)
+            row["reference_peak_bytes"] = peak(lambda: mx.eval(fns["reference_s"]()))[1]
+        row.update(timeit(fns, repeats=7))
         row["dense_mask_bytes"] = (n + m) ** 2  # the boolean mask alone a masked SDPA would need
         row["ksa_tflops"] = tflops(entries, H, D, row["ksa_s"])
         row["sdpa_causal_tflops"] = tflops(causal, H, D, row["sdpa_causal_s"])
