@@ -72,3 +72,12 @@ def cuda_launch_bounds(threads, blocks):
     spends registers freely and fewer blocks fit on an SM."""
     return ("\n#undef __global__\n"
             f"#define __global__ __location__(global) __launch_bounds__({threads}, {blocks})\n")
+
+
+def cuda_kernel(name, inputs, outputs, body, header, shared_memory, wgmma=True):
+    """mx.fast.cuda_kernel; wgmma=False builds the kernel's mma.sync path even
+    on Hopper, where its wgmma path runs otherwise, so that the GPU tests check
+    the path other NVIDIA GPUs take on the H200."""
+    if not wgmma:  # MLX caches compiled kernels by name
+        name, header = name + "_mma", "#define KSA_NO_WGMMA\n" + header
+    return mx.fast.cuda_kernel(name, inputs, outputs, body, header, shared_memory=shared_memory)

@@ -16,7 +16,7 @@ import functools
 import mlx.core as mx
 
 from .. import visibility
-from . import backend, constant, cuda_launch_bounds, scalar, source
+from . import backend, constant, cuda_kernel, cuda_launch_bounds, scalar, source
 
 SPLIT = "// ==== kernel body ====\n"
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "params", "scale"]
@@ -40,21 +40,14 @@ def split_source(name):
 @functools.lru_cache(maxsize=None)
 def kernel(back_end, wgmma=True):
     """The kernel object for 'metal' or 'cuda'; MLX compiles once per template.
-
-    wgmma=False builds the CUDA kernel's mma.sync path even on Hopper, where
-    the wgmma path runs otherwise: the GPU tests check the path other NVIDIA
-    GPUs take on the H200.
-    """
+    wgmma=False: the CUDA kernel's mma.sync path (see `kernels.cuda_kernel`)."""
     if back_end == "metal":
         header, body = split_source("metal/prefill.metal")
         return mx.fast.metal_kernel("ksa_prefill", INPUTS, OUTPUTS, body, header)
     header, body = split_source("cuda/prefill.cu")
     # 128 registers (from 167, no spill on sm_90a): 2 tiles (16 warps) per SM, not 1.
     header += cuda_launch_bounds(THREADS["cuda"], 2)
-    name = "ksa_prefill"
-    if not wgmma:  # MLX caches compiled kernels by name
-        name, header = "ksa_prefill_mma", "#define KSA_NO_WGMMA\n" + header
-    return mx.fast.cuda_kernel(name, INPUTS, OUTPUTS, body, header, shared_memory=CUDA_SHARED)
+    return cuda_kernel("ksa_prefill", INPUTS, OUTPUTS, body, header, CUDA_SHARED, wgmma)
 
 
 def supported(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, scale, back_end=None):

@@ -17,7 +17,7 @@ import functools
 
 import mlx.core as mx
 
-from . import backend, constant, prefill, scalar
+from . import backend, constant, cuda_kernel, prefill, scalar
 from .prefill import nonempty
 
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "do_text", "do_sum",
@@ -35,20 +35,14 @@ CUDA_SHARED = (2 * TILE["cuda"] + 4 * 32) * max(prefill.HEAD_DIMS) * 2 + 4 * 32 
 @functools.lru_cache(maxsize=None)
 def kernel(back_end, wgmma=True):
     """The kernel object for 'metal' or 'cuda'; MLX compiles once per template.
-
-    wgmma=False: the CUDA kernel's mma.sync path even on Hopper (as
-    `prefill.kernel`), for the GPU tests.
-    """
+    wgmma=False: the CUDA kernel's mma.sync path (see `kernels.cuda_kernel`)."""
     path = {"metal": "metal/prefill_backward.metal", "cuda": "cuda/prefill_backward.cu"}[back_end]
     header, body = prefill.split_source(path)
     # After the forward's header: its device helpers and visibility math.
     header = prefill.split_source(path.replace("_backward", ""))[0] + header
     if back_end == "metal":
         return mx.fast.metal_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header)
-    name = "ksa_prefill_backward"
-    if not wgmma:  # MLX caches compiled kernels by name
-        name, header = name + "_mma", "#define KSA_NO_WGMMA\n" + header
-    return mx.fast.cuda_kernel(name, INPUTS, OUTPUTS, body, header, shared_memory=CUDA_SHARED)
+    return cuda_kernel("ksa_prefill_backward", INPUTS, OUTPUTS, body, header, CUDA_SHARED, wgmma)
 
 
 def supported(*arrays, scale, back_end=None):
