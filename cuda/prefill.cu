@@ -423,9 +423,7 @@ __device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, M
 #ifdef KSA_WGMMA
   wgmma_abt<T, D, M, N>(s, t.q_lo, t.k_lo);
 #else
-  #pragma unroll
-  for (int i = 0; i < N / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-  mma_abt<T, D, M, N>(s, t.q, t.k, warp, lane);
+  product_abt<T, D, M, N>(s, t.q, t.k, warp, lane);
 #endif
 }
 
