@@ -37,3 +37,14 @@ def test_visible_entries_count_the_predicate():
         p = np.arange(L)
         vis = visibility.visible(p[:, None], p[None, :], layout, W) & (p[:, None] >= p[None, :])
         assert bench.visible_entries(n, k, S, W) == vis.sum()
+
+
+def test_timeit_takes_turns_and_returns_each_median():
+    # A dict of functions runs one call of each per repeat (after one warmup
+    # round), so that clock drift reaches all of them alike.
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or mx.array(0)) for name in ("a", "b", "c")}
+    medians = bench.timeit(fns, warmup=1, repeats=3)
+    assert calls == ["a", "b", "c"] * 4
+    assert set(medians) == {"a", "b", "c"} and all(t >= 0 for t in medians.values())
+    assert isinstance(bench.timeit(fns["a"], repeats=2), float)
