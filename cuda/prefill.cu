@@ -161,6 +161,15 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int r0, int end,
   }
 }
 
+// x as the compiler then knows it is: the same on every lane of the warp
+// (CUTLASS's canonical_warp_idx_sync). What derives from it stays in uniform
+// registers, where wgmma reads its descriptors, rather than being moved there
+// by R2UR before every wgmma.
+template <typename X>
+__device__ __forceinline__ X warp_uniform(X x) {
+  return __shfl_sync(0xffffffffu, x, 0);
+}
+
 // ldmatrix addresses. Columns [16kk, 16kk + 16) are chunks 2kk' and 2kk' + 1
 // (kk' = kk % 4) of column block kk / 4, stored at chunk (2kk' + c) ^ (row & 7)
 // = 2kk' ^ (c ^ (row & 7)): a per-thread base (chunk c ^ (row & 7)) XOR
@@ -421,7 +430,10 @@ struct Operands {
 template <typename T, int D, int M, int N>
 __device__ __forceinline__ void scores(float (&s)[N / 8][4], const Operands<T, M, N>& t, int warp, int lane) {
 #ifdef KSA_WGMMA
-  wgmma_abt<T, D, M, N>(s, t.q_lo, t.k_lo);
+  // Q's descriptor is made uniform here, at each use: made uniform once per
+  // tile, ptxas hoists all eight of its per-step descriptors into uniform
+  // registers and then serialises every wgmma (C7512).
+  wgmma_abt<T, D, M, N>(s, warp_uniform(t.q_lo), t.k_lo);
 #else
   product_abt<T, D, M, N>(s, t.q, t.k, warp, lane);
 #endif
@@ -470,7 +482,9 @@ const int chunk = params[8], S = params[9], G = params[10];
 const float sl2 = scale[0] * LOG2E;  // scores in the log2 domain: exp2 is one instruction
 
 const int H = gridDim.y, h = blockIdx.y, b = blockIdx.z, Hkv = H / G;
-const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+// The warp's index as uniform: so are the warpgroup's rows, its branches and
+// its K and V descriptors.
+const int tid = threadIdx.x, warp = ksa::warp_uniform(tid >> 5), lane = tid & 31;
 const size_t kv_head = size_t(b) * Hkv + h / G;
 const T* kt = k_text + kv_head * Lt * D;
 const T* vt = v_text + kv_head * Lt * D;
@@ -588,7 +602,9 @@ for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 // Running maxima of the raw scores (the scale is positive, so it commutes
 // with max and folds into the exponent's fma).
 float m_row[2] = {ksa::NEG_INF, ksa::NEG_INF}, l_row[2] = {0.f, 0.f};
-const ksa::Operands<T, BQ, BK> tiles(sQ, sK, sV, warp / 4);
+// The warpgroup from the thread index, not the uniform warp: `scores` makes
+// Q's descriptor uniform at each use (see there).
+const ksa::Operands<T, BQ, BK> tiles(sQ, sK, sV, tid >> 7);
 
 for (int j = 0; j < n_blocks; ++j) {
   const int first = first_key(j);
