@@ -458,6 +458,43 @@ __device__ __forceinline__ void publish_fence() {
 #endif
 }
 
+#ifdef KSA_WGMMA
+// The text tile's K and V blocks through the Tensor Memory Accelerator: one
+// thread issues a block's copies, which land in wgmma's swizzled layout and
+// complete an mbarrier's transaction count, where every thread's cp.async
+// copies took about a third of the loop's instructions (addresses recomputed
+// each block at 128 registers). The tensor maps (mlx_ksa/kernels/tma.py) are
+// in global memory, their global addresses set on the GPU.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// One arrival that also expects `bytes` of copies to complete the phase.
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+// Until the barrier's phase of this parity completes.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
+  asm volatile("{\n.reg .pred p;\nKSA_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               "@!p bra KSA_WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// The maps in their buffer (mlx_ksa/kernels/tma.py): from its first 128-byte boundary.
+__device__ __forceinline__ const unsigned char* aligned(const unsigned char* maps) {
+  return reinterpret_cast<const unsigned char*>((reinterpret_cast<size_t>(maps) + 127) & ~size_t(127));
+}
+// Before a tensor map written on the GPU is used.
+__device__ __forceinline__ void tma_acquire(const void* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
+}
+// The box at element coordinates (c0, c1, c2) of a rank-3 map into dst.
+__device__ __forceinline__ void tma_load(void* dst, const void* map, int c0, int c1, int c2,
+                                         unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(smem_addr(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
+}
+#endif
+
 // visibility.band_start / summary_prefix.
 __device__ __forceinline__ int band_start(int t, int chunk, int window) {
   return max(t / chunk - window, 0) * chunk;
@@ -554,6 +591,11 @@ extern __shared__ unsigned char smem[];
 T* const sQ = reinterpret_cast<T*>(smem + (-ksa::smem_addr(smem) & 1023u));
 T* const sK = sQ + BQ * D;
 T* const sV = sK + BK * D;
+#ifdef KSA_WGMMA
+// Each stage's mbarrier (TMA), after the stages; the maps k_sum, v_sum, k_text, v_text.
+unsigned long long* const landed = reinterpret_cast<unsigned long long*>(sK + 2 * STAGE);
+const unsigned char* const map = ksa::aligned(maps);
+#endif
 const int qt = text_tiles - 1 - blockIdx.x;  // heaviest tiles (most summaries) first
 const int qa = qt * BQ;                       // first query, relative to t0
 const int t_first = t0 + qa, t_last = t0 + min(qa + BQ, n) - 1;
@@ -578,14 +620,46 @@ auto first_key = [&](int j) { return j < n_sb ? j * BK : lo + (j - n_sb) * BK; }
 auto load_block = [&](int j) {
   const bool is_sum = j < n_sb;
   const int first = first_key(j);
-  const int row0 = is_sum ? first : first - text_base, end = is_sum ? n_sum : hi - text_base;
+  const int row0 = is_sum ? first : first - text_base;
+#ifdef KSA_WGMMA
+  // One thread, 64 x 64 boxes. Rows past the array land as zeros; rows past
+  // the tile's range within it (later summaries, later text) hold real keys,
+  // which the mask hides as it hides the zeros cp.async writes there.
+  if (tid == 0) {
+    const unsigned char* m = map + (is_sum ? 0 : 256);
+    unsigned long long* bar = landed + (j & 1);
+    ksa::mbar_expect(bar, 2 * BK * D * sizeof(T));
+    #pragma unroll
+    for (int c = 0; c < D / 64; ++c) {
+      ksa::tma_load(sK + (j & 1) * STAGE + c * BK * 64, m, c * 64, row0, int(kv_head), bar);
+      ksa::tma_load(sV + (j & 1) * STAGE + c * BK * 64, m + 128, c * 64, row0, int(kv_head), bar);
+    }
+  }
+#else
+  const int end = is_sum ? n_sum : hi - text_base;
   ksa::load_rows<T, D, BK, NT>(sK + (j & 1) * STAGE, is_sum ? ks : kt, row0, end, tid);
   ksa::load_rows<T, D, BK, NT>(sV + (j & 1) * STAGE, is_sum ? vs : vt, row0, end, tid);
   ksa::cp_async_commit();
+#endif
 };
 
+#ifdef KSA_WGMMA
+if (tid == 0) {
+  ksa::mbar_init(landed, 1);
+  ksa::mbar_init(landed + 1, 1);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  for (int i = 0; i < 4; ++i) ksa::tma_acquire(map + 128 * i);
+}
+__syncthreads();
+#endif
 ksa::load_rows<T, D, BQ, NT>(sQ, q_text + qbase * D, qa, n, tid);
 load_block(0);
+#ifdef KSA_WGMMA
+// Q's copies form a group of their own: wait_group waits for committed groups only.
+ksa::cp_async_commit();
+ksa::cp_async_wait<0>();  // published by the loop's first barrier
+ksa::publish_fence();
+#endif
 
 // This thread's two rows (r and r+8 of the warp's 16) and their key ranges:
 // summaries [0, row_sum), text [row_lo, t + 1).
@@ -612,12 +686,20 @@ for (int j = 0; j < n_blocks; ++j) {
   // Warpgroup-uniform: the wgmma inside must run on all 128 threads or none.
   const bool mine = w_first <= t_last && (is_sum ? first < w_sum : first <= w_last && first + BK > w_lo);
 
+#ifdef KSA_WGMMA
+  // Every warp is done with block j - 1: its stage takes block j + 1; then
+  // block j has landed.
+  __syncthreads();
+  if (j + 1 < n_blocks) load_block(j + 1);
+  ksa::mbar_wait(landed + (j & 1), (j >> 1) & 1);
+#else
   // Block j landed, and every warp is done with block j - 1: its stage
   // takes block j + 1.
   ksa::cp_async_wait<0>();
   ksa::publish_fence();
   __syncthreads();
   if (j + 1 < n_blocks) load_block(j + 1);
+#endif
   const auto tile = tiles.stage((j & 1) * STAGE);
   float s[BK / 8][4];
   if (mine) ksa::scores<T, D, BQ, BK>(s, tile, warp, lane);

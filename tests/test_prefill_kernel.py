@@ -169,8 +169,9 @@ def test_launch_parameters_are_made_once_per_value():
     # A fresh parameter array costs a page-in on MLX's CUDA back end at every
     # launch (kernels.constant); equal launches share theirs.
     arrays, opts = make_case(1, 2, 1, 64, 4, 1, 1, 0, 9, mx.float16)
-    a, b = (prefill.launch("cuda", *arrays, **opts)["inputs"][-2:] for _ in range(2))
+    at = prefill.INPUTS.index("params")
+    a, b = (prefill.launch("cuda", *arrays, **opts)["inputs"][at : at + 2] for _ in range(2))
     assert a[0] is b[0] and a[1] is b[1]
-    moved = prefill.launch("cuda", *arrays, **{**opts, "scale": 0.5})["inputs"][-2:]
+    moved = prefill.launch("cuda", *arrays, **{**opts, "scale": 0.5})["inputs"][at : at + 2]
     assert moved[0] is a[0] and moved[1] is not a[1] and moved[1].item() == 0.5
     assert a[0].tolist()[:4] == [9, arrays[1].shape[2], 0, opts["text_base"]]

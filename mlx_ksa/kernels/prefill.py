@@ -16,10 +16,12 @@ import functools
 import mlx.core as mx
 
 from .. import visibility
-from . import backend, constant, cuda_kernel, cuda_launch_bounds, scalar, source
+from . import backend, constant, cuda_kernel, cuda_launch_bounds, scalar, source, tma
 
 SPLIT = "// ==== kernel body ====\n"
 INPUTS = ["q_text", "q_sum", "k_text", "v_text", "k_sum", "v_sum", "params", "scale"]
+# CUDA also takes the TMA maps of K and V (kernels.tma), zeros where unused.
+CUDA_INPUTS = INPUTS + ["maps"]
 OUTPUTS = ["o_text", "o_sum", "lse_text", "lse_sum"]
 # Queries (= rows of the grid's x axis) per tile and threads per tile.
 TILE = {"metal": 32, "cuda": 128}
@@ -27,8 +29,10 @@ THREADS = {"metal": 128, "cuda": 256}
 DTYPES = {"metal": (mx.float32, mx.float16, mx.bfloat16), "cuda": (mx.float16, mx.bfloat16)}
 HEAD_DIMS = (64, 128)
 # The CUDA text tile's Q and two stages of K and V (64 keys) at the largest
-# head dim, plus the slack that puts them on 1024-byte swizzle atoms.
-CUDA_SHARED = (TILE["cuda"] + 4 * 64) * max(HEAD_DIMS) * 2 + 1024
+# head dim, their two mbarriers, plus the slack that puts them on 1024-byte
+# swizzle atoms.
+CUDA_SHARED = (TILE["cuda"] + 4 * 64) * max(HEAD_DIMS) * 2 + 16 + 1024
+NO_MAPS = mx.zeros((5 * tma.MAP_BYTES,), mx.uint8)
 
 
 def split_source(name):
@@ -47,7 +51,7 @@ def kernel(back_end, wgmma=True):
     header, body = split_source("cuda/prefill.cu")
     # 128 registers (from 167, no spill on sm_90a): 2 tiles (16 warps) per SM, not 1.
     header += cuda_launch_bounds(THREADS["cuda"], 2)
-    return cuda_kernel("ksa_prefill", INPUTS, OUTPUTS, body, header, CUDA_SHARED, wgmma)
+    return cuda_kernel("ksa_prefill", CUDA_INPUTS, OUTPUTS, body, header, CUDA_SHARED, wgmma)
 
 
 def supported(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, scale, back_end=None):
@@ -86,9 +90,17 @@ def launch(back_end, q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, win
     params = [n, n_sq, t0, text_base, window, Lt, Ls, text_tiles,
               layout.chunk, layout.summaries, H // Hkv, H]
     dtype = q_text.dtype
+    k_sum, v_sum = nonempty(k_sum), nonempty(v_sum)
+    extra = []
+    if back_end == "cuda":
+        # The maps name these arrays' buffers: made contiguous here, the
+        # kernel gets the very buffers (it would copy a strided one).
+        k_text, v_text, k_sum, v_sum = (mx.contiguous(x) for x in (k_text, v_text, k_sum, v_sum))
+        maps = tma.maps(k_text, v_text, k_sum, v_sum)
+        extra = [maps if maps is not None else NO_MAPS]
     return dict(
-        inputs=[q_text, nonempty(q_sum), k_text, v_text, nonempty(k_sum), nonempty(v_sum),
-                constant(tuple(map(int, params))), scalar(scale)],
+        inputs=[q_text, nonempty(q_sum), k_text, v_text, k_sum, v_sum,
+                constant(tuple(map(int, params))), scalar(scale), *extra],
         grid=((text_tiles + sum_tiles) * THREADS[back_end], H, B),
         threadgroup=(THREADS[back_end], 1, 1),
         template=[("T", dtype), ("D", D)],
@@ -136,7 +148,9 @@ def prefill_attention(q_text, q_sum, k_text, v_text, k_sum, v_sum, *, layout, wi
                                             text_base=text_base, back_end=back_end)
     args = launch(back_end, *arrays, layout=layout, window=window, t0=t0,
                   text_base=text_base, scale=scale, text=not causal)
-    o_text, o_sum, lse_text, lse_sum = cut(kernel(back_end)(**args), q_sum)
+    # Without maps (no driver found) a Hopper's kernel must not take its TMA path.
+    wgmma = back_end != "cuda" or args["inputs"][-1] is not NO_MAPS
+    o_text, o_sum, lse_text, lse_sum = cut(kernel(back_end, wgmma)(**args), q_sum)
     if causal:
         o_text = mx.fast.scaled_dot_product_attention(q_text, k_text, v_text, scale=scale,
                                                       mask="causal")
