@@ -114,7 +114,7 @@ def test_ksa_attention_gradient_through_emulated_kernels(emulator, monkeypatch):
         def run(**args):
             outs = emulator.run_metal_kernel(real, **args)
             return [mx.array(o).astype(dt) for o, dt in zip(outs, args["output_dtypes"])]
-        return lambda back_end: run
+        return lambda back_end, wgmma=True: run
 
     for module in (prefill, prefill_backward):
         monkeypatch.setattr(module, "backend", lambda: "metal")
