@@ -59,6 +59,9 @@ def test_hopper_loads_through_tma_maps_set_on_the_gpu():
     # map must name its own array (a wrong address reads another stream).
     from mlx_ksa.kernels import tma
 
+    # Other GPUs have no TMA; on the H200 (and where MLX does not say) the maps must be there.
+    if mx.device_info().get("compute_capability_major", 9) != 9:
+        pytest.skip("TMA loads: Hopper only")
     assert tma.available()
     arrays, opts = make_case(1, 8, 2, 128, 8, 1, 4, 0, 1000, mx.bfloat16)
     args = prefill.launch("cuda", *arrays, **opts)
